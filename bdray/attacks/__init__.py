@@ -1,0 +1,28 @@
+from bdray.attacks import patch  # noqa: F401  (registers the attacks)
+from bdray.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackConfig,
+    PoisonedSet,
+    apply_poison,
+    attack_class,
+    build_attack,
+    list_attacks,
+    poison_dataset,
+    register_attack,
+    triggered_testset,
+)
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackConfig",
+    "apply_poison",
+    "PoisonedSet",
+    "attack_class",
+    "build_attack",
+    "list_attacks",
+    "poison_dataset",
+    "register_attack",
+    "triggered_testset",
+]

@@ -1,0 +1,162 @@
+"""The attack interface: a trigger kernel, a label map and a seeded choice of what to poison.
+
+An attack is built once from its config and the data's shape; afterwards it is a pure batch
+transform ``(images, labels) -> (images, labels)`` that clones its input, keeps dtype and device,
+and pickles (Ray ships it to workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from bdray.data.base import ImageSet
+from bdray.registry import Registry
+
+
+class AttackConfig(BaseModel):
+    """Settings every attack shares; each attack subclasses it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    poison_rate: float = Field(0.01, gt=0, lt=1, description="fraction of the training set poisoned")
+    target: int = Field(0, ge=0, description="target class (all-to-one)")
+    mode: Literal["all_to_one", "all_to_all"] = "all_to_one"
+    seed: int = Field(0, description="seed of the trigger pattern itself (noise, masks)")
+
+
+class Attack:
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[AttackConfig]] = AttackConfig
+
+    def __init__(self, config: AttackConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        if config.target >= num_classes:
+            raise ValueError(f"attack.target {config.target} must be below the number of classes ({num_classes})")
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+
+    # -- the pieces ---------------------------------------------------------------------------
+    def trigger(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
+        """Float kernel on (B, C, H, W) images in [0, 1]; must not modify its input."""
+        raise NotImplementedError
+
+    def target_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "all_to_all":
+            # BaDExpert's All-to-All: class i goes to (i - 1) mod C.
+            return (labels - 1) % self.num_classes
+        return torch.full_like(labels, self.config.target)
+
+    def eligible(self, labels: np.ndarray) -> np.ndarray:
+        """Which samples may be poisoned (dirty-label all-to-one skips the target class)."""
+        if self.config.mode == "all_to_one":
+            return labels != self.config.target
+        return np.ones_like(labels, dtype=bool)
+
+    def select(self, labels: np.ndarray, seed: int) -> np.ndarray:
+        """Seeded, sorted indices of the samples to poison."""
+        candidates = np.flatnonzero(self.eligible(labels))
+        n = int(round(self.config.poison_rate * len(labels)))
+        if n > len(candidates):
+            raise ValueError(
+                f"attack.poison_rate {self.config.poison_rate} asks for {n} samples but only "
+                f"{len(candidates)} are eligible"
+            )
+        return np.sort(np.random.default_rng(seed).choice(candidates, size=n, replace=False))
+
+    # -- the batch transform ------------------------------------------------------------------
+    def apply(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
+        """The trigger on uint8 or float images, returning the input's dtype."""
+        if images.dtype == torch.uint8:
+            out = self.trigger(images.float() / 255.0, test=test)
+            return (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        return self.trigger(images, test=test).clamp(0, 1).to(images.dtype)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(images), self.target_labels(labels)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}:{type(self).__qualname__}", **self.config.model_dump()}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name")
+        return f"{type(self).__name__}({fields})"
+
+
+AttackType = type[Attack]
+ATTACKS: Registry[AttackType] = Registry("attack")
+
+
+def register_attack(name: str) -> Callable[[AttackType], AttackType]:
+    def decorator(cls: AttackType) -> AttackType:
+        cls.name = name
+        return ATTACKS.register(name)(cls)
+
+    return decorator
+
+
+def list_attacks() -> list[str]:
+    return ATTACKS.names()
+
+
+def attack_class(name: str) -> AttackType:
+    cls = ATTACKS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise KeyError(f"attack '{name}' does not resolve to a subclass of bdray.attacks.Attack")
+    return cls
+
+
+def build_attack(config: AttackConfig | dict, *, image_shape: tuple[int, int, int], num_classes: int) -> Attack:
+    if isinstance(config, dict):
+        config = attack_class(config["name"]).Config.model_validate(config)
+    return attack_class(config.name)(config, image_shape=image_shape, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class PoisonedSet:
+    """A training set after poisoning, with the ground truth a defense never sees."""
+
+    data: ImageSet  # images with triggers, labels as the attacker set them
+    true_labels: np.ndarray
+    poison_index: np.ndarray  # sorted indices of poisoned samples
+
+    @property
+    def is_poison(self) -> np.ndarray:
+        mask = np.zeros(len(self.data), dtype=bool)
+        mask[self.poison_index] = True
+        return mask
+
+
+def poison_dataset(data: ImageSet, attack: Attack, seed: int, *, batch_size: int = 4096) -> PoisonedSet:
+    """Apply ``attack`` to the samples it selects with ``seed``; same inputs, same bytes out."""
+    return apply_poison(data, attack, attack.select(data.labels, seed), batch_size=batch_size)
+
+
+def apply_poison(data: ImageSet, attack: Attack, index: np.ndarray, *, batch_size: int = 4096) -> PoisonedSet:
+    """Apply ``attack`` to the samples at ``index`` (a poison plan)."""
+    images, labels = data.images.copy(), data.labels.copy()
+    for start in range(0, len(index), batch_size):
+        chunk = index[start : start + batch_size]
+        x, y = attack(torch.from_numpy(images[chunk]), torch.from_numpy(labels[chunk]))
+        images[chunk], labels[chunk] = x.numpy(), y.numpy()
+    return PoisonedSet(data.replace(images=images, labels=labels), data.labels.copy(), index)
+
+
+def triggered_testset(data: ImageSet, attack: Attack, *, batch_size: int = 4096) -> tuple[ImageSet, np.ndarray]:
+    """Test-time triggered copies of the samples whose label the attack changes, and their sources.
+
+    Returns the triggered set (labels = the attacker's target) and the indices into ``data``.
+    """
+    targets = attack.target_labels(torch.from_numpy(data.labels)).numpy()
+    index = np.flatnonzero(targets != data.labels)
+    images = np.empty((len(index), *data.image_shape), dtype=np.uint8)
+    for start in range(0, len(index), batch_size):
+        chunk = index[start : start + batch_size]
+        images[start : start + len(chunk)] = attack.apply(torch.from_numpy(data.images[chunk]), test=True).numpy()
+    return data.subset(index).replace(images=images, labels=targets[index]), index

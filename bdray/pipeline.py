@@ -1,0 +1,365 @@
+"""The BaDExpert experiment: poison -> train M -> expert B and auxiliary M' -> calibrate -> evaluate.
+
+Each stage runs as a Ray task and leaves a content-addressed artifact (see :mod:`bdray.stages`), so
+re-running with another eta or gamma reuses the poisoned set and the trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bdray.attacks import apply_poison, build_attack, triggered_testset
+from bdray.config import ExperimentConfig
+from bdray.data import CleanSplits, DatasetPair, get_dataset, split_clean
+from bdray.defenses import BaDExpert
+from bdray.models import ModelSpec
+from bdray.stages import StageResult, StageStore
+
+ProgressFn = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def load_data(config: ExperimentConfig) -> DatasetPair:
+    pair = get_dataset(config.data.name, root=config.data.root, **config.data.options)
+    if config.data.train_subset and config.data.train_subset < len(pair.train):
+        rng = np.random.default_rng(config.seed)
+        keep = np.sort(rng.choice(len(pair.train), config.data.train_subset, replace=False))
+        pair = DatasetPair(pair.train.subset(keep), pair.test)
+    return pair
+
+
+def clean_splits(config: ExperimentConfig, pair: DatasetPair) -> CleanSplits:
+    return split_clean(pair.test, config.data.reserved_size, config.data.calibration_size, seed=config.seed)
+
+
+def model_spec(config: ExperimentConfig, pair: DatasetPair) -> ModelSpec:
+    c, h, _ = pair.train.image_shape
+    return ModelSpec(
+        name=config.model.name, in_channels=c, num_classes=pair.train.num_classes, image_size=h,
+        mean=list(pair.train.mean), std=list(pair.train.std), kwargs=dict(config.model.options),
+    )
+
+
+def _attack(config: ExperimentConfig, pair: DatasetPair):  # noqa: ANN202
+    return build_attack(config.attack, image_shape=pair.train.image_shape, num_classes=pair.train.num_classes)
+
+
+# -- stage bodies (run inside Ray tasks; each writes into the directory it is given) --------------
+
+
+def _set_threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def poison_stage(out: Path, config: ExperimentConfig, pair: DatasetPair) -> None:
+    attack = _attack(config, pair)
+    index = attack.select(pair.train.labels, config.seed)
+    poisoned = apply_poison(pair.train, attack, index)
+    np.savez(out / "plan.npz", poison_index=index, labels=poisoned.data.labels)
+    digest = hashlib.sha256(poisoned.data.images.tobytes() + poisoned.data.labels.tobytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps({
+        "attack": attack.metadata(), "seed": config.seed, "num_samples": len(pair.train),
+        "num_poisoned": int(len(index)), "content_sha256": digest,
+    }, indent=2))
+
+
+def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair):  # noqa: ANN201
+    plan = np.load(path / "plan.npz")
+    return apply_poison(pair.train, _attack(config, pair), plan["poison_index"])
+
+
+def train_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison_path: Path, num_cpus: float) -> None:
+    import torch
+
+    from bdray.models import save_weights
+    from bdray.train import fit
+
+    _set_threads(num_cpus)
+    poisoned = load_poisoned(poison_path, config, pair)
+    torch.manual_seed(config.seed)
+    model = model_spec(config, pair).build()
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+
+    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **stats})
+        print(f"train M: epoch {epoch + 1}/{config.train.epochs} loss {stats['loss']:.4f} "
+              f"acc {stats['train_acc']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    fit(model, poisoned.data, config.train, seed=config.seed, on_epoch=on_epoch)
+    save_weights(model, out / "model.safetensors")
+    (out / "history.json").write_text(json.dumps(history))
+
+
+def finetune_stage(
+    out: Path, kind: str, config: ExperimentConfig, pair: DatasetPair, model_path: Path, num_cpus: float
+) -> None:
+    from bdray.models import load_weights, save_weights
+
+    _set_threads(num_cpus)
+    defense = BaDExpert(config.defense)
+    model = load_weights(model_spec(config, pair).build(), model_path)
+    reserved = clean_splits(config, pair).reserved
+    fitter = defense.fit_expert if kind == "expert" else defense.fit_auxiliary
+    save_weights(fitter(model, reserved, seed=config.seed), out / f"{kind}.safetensors")
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def evaluate(
+    config: ExperimentConfig, pair: DatasetPair, model_path: Path, expert_path: Path, aux_path: Path, num_cpus: float
+) -> dict[str, Any]:
+    """Calibrate on held-out clean data and measure everything; returns metrics and plot arrays."""
+    from bdray import metrics
+    from bdray.models import load_weights
+    from bdray.train import predict_proba
+
+    _set_threads(num_cpus)
+    spec = model_spec(config, pair)
+    detector = BaDExpert(config.defense).set_models(
+        *(load_weights(spec.build(), p) for p in (model_path, expert_path, aux_path))
+    )
+    splits = clean_splits(config, pair)
+    evaluation = splits.evaluation
+    triggered, _ = triggered_testset(evaluation, _attack(config, pair))
+    detector.calibrate(splits.calibration)
+    threshold = detector.threshold_
+
+    clean_c = detector.confidences(evaluation.images)
+    bd_c = detector.confidences(triggered.images)
+    gamma = config.defense.gamma
+    from bdray.defenses.badexpert import eq3_score
+
+    clean_s = -eq3_score(clean_c["conf_expert"], clean_c["conf_aux"], gamma)
+    bd_s = -eq3_score(bd_c["conf_expert"], bd_c["conf_aux"], gamma)
+    clean_ok, bd_ok = metrics.detection_population(clean_c["pred"], evaluation.labels, bd_c["pred"], triggered.labels)
+
+    def pred(model: Any, images: np.ndarray) -> np.ndarray:
+        return predict_proba(model, images).argmax(1)
+
+    out: dict[str, Any] = {
+        "model_ca": metrics.accuracy(clean_c["pred"], evaluation.labels),
+        "model_asr": metrics.accuracy(bd_c["pred"], triggered.labels),
+        "expert_ca": metrics.accuracy(pred(detector.expert_, evaluation.images), evaluation.labels),
+        "expert_asr": metrics.accuracy(pred(detector.expert_, triggered.images), triggered.labels),
+        "aux_ca": metrics.accuracy(pred(detector.auxiliary_, evaluation.images), evaluation.labels),
+        "aux_asr": metrics.accuracy(pred(detector.auxiliary_, triggered.images), triggered.labels),
+        "auroc": metrics.auroc(clean_s[clean_ok], bd_s[bd_ok]),
+        "tpr_at_fpr": metrics.tpr_at_fpr(clean_s[clean_ok], bd_s[bd_ok], config.defense.target_fpr),
+        "threshold": threshold,
+        "target_fpr": config.defense.target_fpr,
+        "fpr": float((clean_s > threshold).mean()),
+        "defended_ca": metrics.accuracy(clean_c["pred"], evaluation.labels, clean_s <= threshold),
+        "defended_asr": metrics.accuracy(bd_c["pred"], triggered.labels, bd_s <= threshold),
+        "num_eval_clean": len(evaluation),
+        "num_eval_triggered": len(triggered),
+    }
+    # The official code calibrates on the evaluation set itself; report that figure beside ours.
+    in_sample = metrics.calibrate_threshold(clean_s, config.defense.target_fpr)
+    out["defended_ca_insample"] = metrics.accuracy(clean_c["pred"], evaluation.labels, clean_s <= in_sample)
+    out["defended_asr_insample"] = metrics.accuracy(bd_c["pred"], triggered.labels, bd_s <= in_sample)
+    # AUROC on the paper's noisy augmented set: every image plus a Gaussian-noise copy.
+    sigma = config.eval.noise_sigma
+    noisy_clean = np.concatenate([evaluation.images, metrics.gaussian_noise_copy(evaluation.images, sigma, config.seed)])
+    noisy_bd = np.concatenate([triggered.images, metrics.gaussian_noise_copy(triggered.images, sigma, config.seed + 1)])
+    nc, nb = detector.confidences(noisy_clean), detector.confidences(noisy_bd)
+    nc_ok, nb_ok = metrics.detection_population(
+        nc["pred"], np.r_[evaluation.labels, evaluation.labels], nb["pred"], np.r_[triggered.labels, triggered.labels]
+    )
+    out["auroc_noisy"] = metrics.auroc(
+        -eq3_score(nc["conf_expert"], nc["conf_aux"], gamma)[nc_ok], -eq3_score(nb["conf_expert"], nb["conf_aux"], gamma)[nb_ok]
+    )
+    arrays = {
+        "clean_scores": clean_s[clean_ok], "bd_scores": bd_s[bd_ok],
+        "clean_conf": (clean_c["conf_expert"][clean_ok], clean_c["conf_aux"][clean_ok]),
+        "bd_conf": (bd_c["conf_expert"][bd_ok], bd_c["conf_aux"][bd_ok]),
+        "threshold": threshold,
+    }
+    return {"metrics": out, "arrays": arrays, "detector": detector}
+
+
+# -- orchestration --------------------------------------------------------------------------------
+
+
+def _stage_task(store_root: str, reuse: bool, stage: str, key_config: Any, inputs: list[str], body: Callable, *args: Any) -> StageResult:
+    """Runs inside a Ray task: find or compute one stage artifact."""
+    return StageStore(store_root, reuse=reuse).run(stage, key_config, inputs, lambda tmp: body(tmp, *args))
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_ray(config: ExperimentConfig) -> bool:
+    """Connect to the configured cluster or start a local one; True if this call started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True}
+    if config.ray.address:
+        ray.init(address=config.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), **kwargs)
+    return True
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    out: str | Path | None = None,
+    reuse: bool = True,
+    progress: ProgressFn = _stderr,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run the whole BaDExpert experiment on Ray and record it in MLflow; returns the summary."""
+    import ray
+
+    started_here = ensure_ray(config)
+    try:
+        return _run(config, out=out, reuse=reuse, progress=progress, parent_run_id=parent_run_id)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(
+    config: ExperimentConfig, *, out: str | Path | None, reuse: bool, progress: ProgressFn, parent_run_id: str | None
+) -> dict[str, Any]:
+    import ray
+
+    t0 = time.perf_counter()
+    storage = Path(config.storage).resolve()
+    store = StageStore(storage / "stages", reuse=reuse)
+    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+    heavy = min(total_cpus, float(config.ray.num_cpus or total_cpus))
+    light = min(config.ray.stage_cpus, total_cpus)
+
+    def remote(cpus: float):  # noqa: ANN202
+        return ray.remote(num_cpus=cpus, max_retries=0)(_stage_task)
+
+    progress(f"[1/5] data: loading {config.data.name}")
+    pair = load_data(config)
+    pair_ref = ray.put(pair)
+    cfg = config.to_dict()
+    data_key = {"data": cfg["data"], "seed": config.seed}
+    timings: dict[str, float] = {}
+
+    def report(result: StageResult) -> StageResult:
+        timings[f"time_{result.stage}"] = result.seconds
+        how = "reused" if result.cached else f"done in {result.seconds:.1f}s"
+        progress(f"      {result.stage}: {how} ({result.path.relative_to(storage)})")
+        return result
+
+    progress(f"[2/5] poison: {config.attack.name} at rate {config.attack.poison_rate} (seed {config.seed})")
+    poison = report(ray.get(remote(light).remote(
+        str(store.root), reuse, "poison", {**data_key, "attack": cfg["attack"]}, [], poison_stage, config, pair_ref
+    )))
+    if config.model.checkpoint:
+        progress(f"[3/5] model: vetting the suspect checkpoint {config.model.checkpoint}")
+        suspect_key = {"checkpoint_sha256": _file_sha256(config.model.checkpoint), "model": cfg["model"]}
+
+        def import_checkpoint(tmp: Path, path: str) -> None:
+            from bdray.models import load_weights, save_weights
+
+            save_weights(load_weights(model_spec(config, pair).build(), path), tmp / "model.safetensors")
+
+        train = report(store.run("suspect", suspect_key, [], lambda tmp: import_checkpoint(tmp, config.model.checkpoint)))
+    else:
+        progress(f"[3/5] train M: {config.model.name}, {config.train.epochs} epochs on {len(pair.train)} images")
+        train = report(ray.get(remote(heavy).remote(
+            str(store.root), reuse, "train", {"model": cfg["model"], "train": cfg["train"], "seed": config.seed},
+            [poison.key], train_stage, config, pair_ref, poison.path, heavy,
+        )))
+    model_path = train.path / "model.safetensors"
+    progress("[4/5] expert B and auxiliary M' (in parallel)")
+    split_key = {**data_key, "reserved": config.data.reserved_size, "calibration": config.data.calibration_size}
+    recipes = {"expert": config.defense.expert_recipe(), "auxiliary": config.defense.auxiliary}
+    refs = {
+        kind: remote(light).remote(
+            str(store.root), reuse, kind, {"split": split_key, "recipe": recipe.model_dump(mode="json"),
+                                           "seed": config.seed},
+            [train.key], finetune_stage, kind, config, pair_ref, model_path, light,
+        )
+        for kind, recipe in recipes.items()
+    }
+    expert, auxiliary = (report(ray.get(refs[k])) for k in ("expert", "auxiliary"))
+    progress("[5/5] calibrate on held-out clean data and evaluate")
+    evaluation = ray.get(ray.remote(num_cpus=heavy, max_retries=0)(evaluate).remote(
+        config, pair_ref, model_path, expert.path / "expert.safetensors", auxiliary.path / "auxiliary.safetensors", heavy
+    ))
+    metrics = evaluation["metrics"]
+    timings["time_total"] = time.perf_counter() - t0
+    keys = {"poison": poison.key, "train": train.key, "expert": expert.key, "auxiliary": auxiliary.key}
+    summary = {**metrics, **timings, "stage_keys": keys}
+    run_id = _track(config, summary, evaluation, pair, out, parent_run_id) if config.tracking.enabled else None
+    summary["mlflow_run_id"] = run_id
+    if out is not None:
+        _write_json(Path(out) / "summary.json", summary)
+    return summary
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from bdray.models.io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float)))
+
+
+def _track(
+    config: ExperimentConfig, summary: dict[str, Any], evaluation: dict[str, Any], pair: DatasetPair,
+    out: str | Path | None, parent_run_id: str | None,
+) -> str:
+    import tempfile
+
+    import yaml
+
+    from bdray.tracking import Tracker, git_commit
+    from bdray.tracking import plots
+
+    storage = Path(config.storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(config.tracking_uri(), config.tracking.experiment, artifact_root=storage / "mlartifacts")
+    tags = {
+        "attack": config.attack.name, "defense": config.defense.name, "dataset": config.data.name,
+        "model": config.model.name, "seed": str(config.seed), "git_commit": git_commit() or "unknown",
+    }
+    arrays = evaluation["arrays"]
+    with tracker.run(config.tracking.run_name, tags=tags, parent_run_id=parent_run_id) as run:
+        run.log_params(config.to_dict())
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
+        run.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+        run.log_text(json.dumps(summary["stage_keys"], indent=2), "stage_keys.json")
+        run.log_figure(plots.roc_figure(arrays["clean_scores"], arrays["bd_scores"], "BaDExpert ROC"), "roc.png")
+        run.log_figure(plots.score_histogram(arrays["clean_scores"], arrays["bd_scores"], arrays["threshold"]),
+                       "score_histogram.png")
+        run.log_figure(plots.confidence_plane(arrays["clean_conf"], arrays["bd_conf"], config.defense.gamma),
+                       "confidence_plane.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            detector_dir = Path(out) / "detector" if out is not None else Path(tmp) / "detector"
+            evaluation["detector"].save(detector_dir, model_spec(config, pair), {"attack": config.attack.name})
+            run.log_artifact(detector_dir, "detector")
+        return run.run_id

@@ -1,0 +1,31 @@
+"""Shared fixtures: one Ray session for the whole test run, and small configs on generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray of 2 logical CPUs, started once and shut down after the last test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def smoke_config(tmp_path: Path) -> dict:
+    """configs/smoke.yaml as a dict, with its storage (stage cache + sqlite MLflow) under tmp_path."""
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw["storage"] = str(tmp_path / "store")
+    return raw

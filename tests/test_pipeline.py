@@ -1,0 +1,61 @@
+"""End to end on generated data: local Ray, a real sqlite MLflow store, the saved detector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bdray.config import validate_config
+from bdray.defenses import BaDExpert
+from bdray.pipeline import run_experiment
+
+pytestmark = pytest.mark.slow
+
+SUMMARY_KEYS = {"auroc", "model_ca", "model_asr", "expert_ca", "expert_asr", "defended_ca", "defended_asr",
+                "fpr", "threshold", "mlflow_run_id"}
+
+
+def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_config, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    config = validate_config(smoke_config)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    summary = run_experiment(config, out=out, progress=lines.append)
+
+    written = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= written.keys()
+    assert written["mlflow_run_id"] == summary["mlflow_run_id"]
+    # The smoke model learns both the task and the patch; the detector must beat chance clearly.
+    assert summary["model_ca"] > 0.8 and summary["model_asr"] > 0.8
+    assert summary["auroc"] > 0.8
+    assert summary["defended_asr"] < summary["model_asr"]
+
+    client = MlflowClient(tracking_uri=config.tracking_uri())
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["defense.eta"] == "0.001"
+    assert run.data.params["attack.name"] == "badnet"
+    assert run.data.tags["dataset"] == "synthetic"
+    assert np.isclose(run.data.metrics["auroc"], summary["auroc"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plots", "detector"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"roc.png", "score_histogram.png", "confidence_plane.png"}
+
+    # The saved detector reloads (no pickle) and scores exactly as the run did.
+    detector = BaDExpert.load(out / "detector")
+    assert detector.threshold_ == pytest.approx(summary["threshold"])
+
+    # Same config again: every stage is found in the store, nothing is retrained.
+    again = run_experiment(config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})}),
+                           progress=lines.append)
+    assert again["stage_keys"] == summary["stage_keys"]
+    assert again["auroc"] == pytest.approx(summary["auroc"])
+    from bdray.stages import StageStore
+
+    executions = StageStore(Path(config.storage).resolve() / "stages").executions()
+    assert sorted(r["stage"] for r in executions) == ["auxiliary", "expert", "poison", "train"]
