@@ -12,6 +12,7 @@ quickstart: $(STAMP) data
 	$(BIN)/bdray run configs/quickstart.yaml --out runs/quickstart
 
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory data 2>/dev/null || echo "(Fashion-MNIST not installed; tests use generated data)"
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

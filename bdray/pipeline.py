@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -56,7 +55,7 @@ def model_spec(config: ExperimentConfig, pair: DatasetPair) -> ModelSpec:
     )
 
 
-def _attack(config: ExperimentConfig, pair: DatasetPair):  # noqa: ANN202
+def _attack(config: ExperimentConfig, pair: DatasetPair):
     return build_attack(config.attack, image_shape=pair.train.image_shape, num_classes=pair.train.num_classes)
 
 
@@ -77,11 +76,11 @@ def poison_stage(out: Path, config: ExperimentConfig, pair: DatasetPair) -> None
     digest = hashlib.sha256(poisoned.data.images.tobytes() + poisoned.data.labels.tobytes()).hexdigest()
     (out / "manifest.json").write_text(json.dumps({
         "attack": attack.metadata(), "seed": config.seed, "num_samples": len(pair.train),
-        "num_poisoned": int(len(index)), "content_sha256": digest,
+        "num_poisoned": len(index), "content_sha256": digest,
     }, indent=2))
 
 
-def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair):  # noqa: ANN201
+def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair):
     plan = np.load(path / "plan.npz")
     return apply_poison(pair.train, _attack(config, pair), plan["poison_index"])
 
@@ -259,7 +258,7 @@ def _run(
     heavy = min(total_cpus, float(config.ray.num_cpus or total_cpus))
     light = min(config.ray.stage_cpus, total_cpus)
 
-    def remote(cpus: float):  # noqa: ANN202
+    def remote(cpus: float):
         return ray.remote(num_cpus=cpus, max_retries=0)(_stage_task)
 
     progress(f"[1/5] data: loading {config.data.name}")
@@ -337,8 +336,7 @@ def _track(
 
     import yaml
 
-    from bdray.tracking import Tracker, git_commit
-    from bdray.tracking import plots
+    from bdray.tracking import Tracker, git_commit, plots
 
     storage = Path(config.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)

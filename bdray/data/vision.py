@@ -110,7 +110,7 @@ def safe_load_pickle(path: Path) -> Any:
         obj = SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
     except UnsafePickleError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001  (truncated/foreign bytes raise many exception types)
+    except Exception as exc:
         raise ValueError(f"{path}: not a readable dataset pickle ({type(exc).__name__}: {exc})") from None
     for value in _walk(obj):
         if isinstance(value, np.ndarray) and value.dtype.hasobject:
@@ -134,7 +134,7 @@ _CIFAR_PIXELS = 3 * 32 * 32
 def _read_cifar_pickle(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     obj = safe_load_pickle(path)
     if not isinstance(obj, dict):
-        raise ValueError(  # noqa: TRY004  (a foreign file, not a caller's type error)
+        raise ValueError(
             f"{path}: expected a dict with 'data' and '{label_key}', got {type(obj).__name__}"
         )
     batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}

@@ -20,7 +20,7 @@ class UnsafeCheckpointError(ValueError):
     """The checkpoint holds something other than plain tensors (e.g. pickled code)."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:  # noqa: ANN001 - write(tmp_path) -> None
+def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp)`` then rename tmp onto ``path``: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

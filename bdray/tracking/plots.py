@@ -5,11 +5,11 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from bdray import metrics  # noqa: E402
+from bdray import metrics
 
 
 def roc_figure(clean_scores: np.ndarray, bd_scores: np.ndarray, title: str = "") -> Figure:

@@ -42,14 +42,14 @@ class TrainRecipe(BaseModel):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         return self
 
-    def make_optimizer(self, params) -> torch.optim.Optimizer:  # noqa: ANN001 - iterable of parameters
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay
         )
 
-    def make_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int):  # noqa: ANN201
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
         """A per-step scheduler (cosine decays smoothly over every step of every epoch)."""
         if self.schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch)
