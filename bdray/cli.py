@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment config (poison, train, defend, evaluate)")
     run.add_argument("config", help="YAML experiment config")
     run.add_argument("--out", help="folder for summary.json and the saved detector")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. defense.eta=3e-4")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. defense.eta=3e-4")
     run.add_argument("--no-reuse", action="store_true", help="recompute every stage even if its artifact exists")
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", help="validate a config without running anything")

@@ -21,6 +21,7 @@ from bdray.data import DATASETS
 from bdray.defenses import DefenseConfig, defense_class
 from bdray.models import MODELS
 from bdray.train import TrainRecipe
+from bdray.train.distributed import Scaling
 
 
 class Strict(BaseModel):
@@ -61,7 +62,12 @@ class TrackingConfig(Strict):
 class RayConfig(Strict):
     address: str | None = Field(None, description="existing cluster ('auto' or ray://...); None starts one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray (default: all)")
-    stage_cpus: float = Field(1.0, gt=0, description="CPUs for each light stage task (expert, auxiliary)")
+    train: Scaling = Field(Scaling(), description="Ray Train workers for training the model M")
+    finetune: Scaling = Field(Scaling(), description="Ray Train workers for each finetuning stage (B, M')")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs of the light stage tasks (poison, evaluate)")
+    dashboard: bool = Field(True, description="start the dashboard of a local Ray, bound to 127.0.0.1 (Ray "
+                            "Train's state queries need it)")
+    log_to_driver: bool = Field(False, description="stream every worker's log lines to this terminal")
 
 
 class EvalConfig(Strict):
@@ -130,7 +136,7 @@ def validate_config(raw: Mapping[str, Any], source: str = "config") -> Experimen
         raise ConfigError([("(top level)", "expected a mapping of sections")], source)
     raw = dict(raw)
     errors: list[tuple[str, str]] = []
-    for section, (resolve, base) in _COMPONENTS.items():
+    for section, (resolve, _base) in _COMPONENTS.items():
         value = raw.get(section)
         if value is None:
             errors.append((section, "missing section (needs at least 'name')"))

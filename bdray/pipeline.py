@@ -12,17 +12,20 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bdray.attacks import apply_poison, build_attack, triggered_testset
+from bdray.attacks import Attack, PoisonedSet, PoisonPlan, apply_plan, build_attack, triggered_testset
 from bdray.config import ExperimentConfig
 from bdray.data import CleanSplits, DatasetPair, get_dataset, split_clean
 from bdray.defenses import BaDExpert
 from bdray.models import ModelSpec
 from bdray.stages import StageResult, StageStore
+from bdray.train import TrainRecipe
+from bdray.train.distributed import Scaling
 
 ProgressFn = Callable[[str], None]
 
@@ -59,7 +62,7 @@ def _attack(config: ExperimentConfig, pair: DatasetPair):
     return build_attack(config.attack, image_shape=pair.train.image_shape, num_classes=pair.train.num_classes)
 
 
-# -- stage bodies (run inside Ray tasks; each writes into the directory it is given) --------------
+# -- stage bodies (each writes into the directory it is given) ------------------------------------
 
 
 def _set_threads(num_cpus: float) -> None:
@@ -70,62 +73,84 @@ def _set_threads(num_cpus: float) -> None:
 
 def poison_stage(out: Path, config: ExperimentConfig, pair: DatasetPair) -> None:
     attack = _attack(config, pair)
-    index = attack.select(pair.train.labels, config.seed)
-    poisoned = apply_poison(pair.train, attack, index)
-    np.savez(out / "plan.npz", poison_index=index, labels=poisoned.data.labels)
+    if attack.needs_fit:
+        from safetensors.torch import save_file
+
+        attack.fit(pair.train, seed=config.seed)
+        save_file(attack.state_dict(), str(out / "attack.safetensors"))
+    plan = attack.plan(pair.train.labels, config.seed)
+    poisoned = apply_plan(pair.train, attack, plan)
+    np.savez(out / "plan.npz", poison_index=plan.poison_index, cover_index=plan.cover_index, labels=plan.labels)
     digest = hashlib.sha256(poisoned.data.images.tobytes() + poisoned.data.labels.tobytes()).hexdigest()
     (out / "manifest.json").write_text(json.dumps({
         "attack": attack.metadata(), "seed": config.seed, "num_samples": len(pair.train),
-        "num_poisoned": len(index), "content_sha256": digest,
+        "num_poisoned": len(plan.poison_index), "num_cover": len(plan.cover_index),
+        "content_sha256": digest,
     }, indent=2))
 
 
-def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair):
-    plan = np.load(path / "plan.npz")
-    return apply_poison(pair.train, _attack(config, pair), plan["poison_index"])
+def load_attack(path: Path, config: ExperimentConfig, pair: DatasetPair) -> Attack:
+    """The attack of a poison artifact, with its trained parts (if any) loaded from it."""
+    attack = _attack(config, pair)
+    if attack.needs_fit:
+        from safetensors.torch import load_file
+
+        attack.load_state_dict(load_file(str(path / "attack.safetensors")))
+    return attack
 
 
-def train_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison_path: Path, num_cpus: float) -> None:
-    import torch
-
-    from bdray.models import save_weights
-    from bdray.train import fit
-
-    _set_threads(num_cpus)
-    poisoned = load_poisoned(poison_path, config, pair)
-    torch.manual_seed(config.seed)
-    model = model_spec(config, pair).build()
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-
-    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-        history.append({"epoch": epoch, **stats})
-        print(f"train M: epoch {epoch + 1}/{config.train.epochs} loss {stats['loss']:.4f} "
-              f"acc {stats['train_acc']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
-
-    fit(model, poisoned.data, config.train, seed=config.seed, on_epoch=on_epoch)
-    save_weights(model, out / "model.safetensors")
-    (out / "history.json").write_text(json.dumps(history))
+def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair) -> PoisonedSet:
+    saved = np.load(path / "plan.npz")
+    plan = PoisonPlan(saved["poison_index"], saved["cover_index"], saved["labels"])
+    return apply_plan(pair.train, load_attack(path, config, pair), plan)
 
 
-def finetune_stage(
-    out: Path, kind: str, config: ExperimentConfig, pair: DatasetPair, model_path: Path, num_cpus: float
-) -> None:
-    from bdray.models import load_weights, save_weights
+@dataclass(frozen=True)
+class TrainJob:
+    """One Ray Train stage: what to train, on what, from which weights, tracked where."""
 
-    _set_threads(num_cpus)
-    defense = BaDExpert(config.defense)
-    model = load_weights(model_spec(config, pair).build(), model_path)
-    reserved = clean_splits(config, pair).reserved
-    fitter = defense.fit_expert if kind == "expert" else defense.fit_auxiliary
-    save_weights(fitter(model, reserved, seed=config.seed), out / f"{kind}.safetensors")
+    stage: str
+    recipe: TrainRecipe
+    scaling: Scaling
+    seed: int
+    init_weights: Path | None = None
+    tracking: dict[str, Any] | None = None  # uri, experiment, parent_run_id
+    resume: bool = True  # continue an interrupted Ray Train run of this stage from its checkpoint
+
+
+def train_stage(out: Path, job: TrainJob, config: ExperimentConfig, pair: DatasetPair, data: Any) -> None:
+    """Train with Ray Train into ``out``; one MLflow run for the stage, ended even on failure."""
+    from bdray.train.distributed import train_model
+
+    storage = Path(config.storage).resolve() / "ray_train"
+    # The store computes into ".<key>.<random>": naming the Train run by the key makes a rerun of an
+    # interrupted stage resume from its last epoch checkpoint.
+    name = f"{job.stage}-{out.name.split('.')[1]}"
+    kwargs = dict(seed=job.seed, scaling=job.scaling, storage_path=storage, name=name, out=out,
+                  init_weights=job.init_weights, resume=job.resume)
+    if isinstance(data, Path):
+        data = load_poisoned(data, config, pair).data
+    if job.tracking is None:
+        result = train_model(model_spec(config, pair), data, job.recipe, **kwargs)
+    else:
+        from bdray.tracking import Tracker
+
+        tracker = Tracker(job.tracking["uri"], job.tracking["experiment"])
+        with tracker.run(f"{job.stage}", tags={"stage": job.stage}, parent_run_id=job.tracking["parent_run_id"]) as run:
+            run.log_params({"recipe": job.recipe.model_dump(mode="json"),
+                            "scaling": job.scaling.model_dump(mode="json")})
+            result = train_model(model_spec(config, pair), data, job.recipe, mlflow_uri=job.tracking["uri"],
+                                 mlflow_run_id=run.run_id, **kwargs)
+            run.log_metrics({f"final_{k}": v for k, v in result.metrics.items() if k != "epoch"})
+    (out / "history.json").write_text(json.dumps(result.history))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
 
 
 def evaluate(
-    config: ExperimentConfig, pair: DatasetPair, model_path: Path, expert_path: Path, aux_path: Path, num_cpus: float
+    config: ExperimentConfig, pair: DatasetPair, poison_path: Path, model_path: Path, expert_path: Path,
+    aux_path: Path, num_cpus: float,
 ) -> dict[str, Any]:
     """Calibrate on held-out clean data and measure everything; returns metrics and plot arrays."""
     from bdray import metrics
@@ -139,7 +164,7 @@ def evaluate(
     )
     splits = clean_splits(config, pair)
     evaluation = splits.evaluation
-    triggered, _ = triggered_testset(evaluation, _attack(config, pair))
+    triggered, _ = triggered_testset(evaluation, load_attack(poison_path, config, pair))
     detector.calibrate(splits.calibration)
     threshold = detector.threshold_
 
@@ -178,14 +203,16 @@ def evaluate(
     out["defended_asr_insample"] = metrics.accuracy(bd_c["pred"], triggered.labels, bd_s <= in_sample)
     # AUROC on the paper's noisy augmented set: every image plus a Gaussian-noise copy.
     sigma = config.eval.noise_sigma
-    noisy_clean = np.concatenate([evaluation.images, metrics.gaussian_noise_copy(evaluation.images, sigma, config.seed)])
-    noisy_bd = np.concatenate([triggered.images, metrics.gaussian_noise_copy(triggered.images, sigma, config.seed + 1)])
+    noise = metrics.gaussian_noise_copy
+    noisy_clean = np.concatenate([evaluation.images, noise(evaluation.images, sigma, config.seed)])
+    noisy_bd = np.concatenate([triggered.images, noise(triggered.images, sigma, config.seed + 1)])
     nc, nb = detector.confidences(noisy_clean), detector.confidences(noisy_bd)
     nc_ok, nb_ok = metrics.detection_population(
         nc["pred"], np.r_[evaluation.labels, evaluation.labels], nb["pred"], np.r_[triggered.labels, triggered.labels]
     )
     out["auroc_noisy"] = metrics.auroc(
-        -eq3_score(nc["conf_expert"], nc["conf_aux"], gamma)[nc_ok], -eq3_score(nb["conf_expert"], nb["conf_aux"], gamma)[nb_ok]
+        -eq3_score(nc["conf_expert"], nc["conf_aux"], gamma)[nc_ok],
+        -eq3_score(nb["conf_expert"], nb["conf_aux"], gamma)[nb_ok],
     )
     arrays = {
         "clean_scores": clean_s[clean_ok], "bd_scores": bd_s[bd_ok],
@@ -199,7 +226,9 @@ def evaluate(
 # -- orchestration --------------------------------------------------------------------------------
 
 
-def _stage_task(store_root: str, reuse: bool, stage: str, key_config: Any, inputs: list[str], body: Callable, *args: Any) -> StageResult:
+def _stage_task(
+    store_root: str, reuse: bool, stage: str, key_config: Any, inputs: list[str], body: Callable, *args: Any
+) -> StageResult:
     """Runs inside a Ray task: find or compute one stage artifact."""
     return StageStore(store_root, reuse=reuse).run(stage, key_config, inputs, lambda tmp: body(tmp, *args))
 
@@ -219,11 +248,13 @@ def ensure_ray(config: ExperimentConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": config.ray.log_to_driver}
     if config.ray.address:
         ray.init(address=config.ray.address, **kwargs)
     else:
-        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), **kwargs)
+        # Loopback only: a local dashboard (and its job API) must not be reachable from the network.
+        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=config.ray.dashboard,
+                 dashboard_host="127.0.0.1", **kwargs)
     return True
 
 
@@ -246,19 +277,63 @@ def run_experiment(
             ray.shutdown()
 
 
+def _check_resources(config: ExperimentConfig, cluster_cpus: float) -> None:
+    for name, scaling in (("ray.train", config.ray.train), ("ray.finetune", config.ray.finetune)):
+        need = max(scaling.num_workers, 1) * scaling.cpus_per_worker
+        if need > cluster_cpus:
+            raise ValueError(f"{name} asks for {need:g} CPUs (num_workers x cpus_per_worker) but the Ray "
+                             f"cluster has {cluster_cpus:g}; lower it or add nodes")
+
+
 def _run(
     config: ExperimentConfig, *, out: str | Path | None, reuse: bool, progress: ProgressFn, parent_run_id: str | None
 ) -> dict[str, Any]:
+    import contextlib
+
     import ray
 
     t0 = time.perf_counter()
     storage = Path(config.storage).resolve()
     store = StageStore(storage / "stages", reuse=reuse)
-    total_cpus = float(ray.cluster_resources().get("CPU", 1))
-    heavy = min(total_cpus, float(config.ray.num_cpus or total_cpus))
-    light = min(config.ray.stage_cpus, total_cpus)
+    _check_resources(config, float(ray.cluster_resources().get("CPU", 1)))
+    tracker = None
+    if config.tracking.enabled:
+        from bdray.tracking import Tracker
 
-    def remote(cpus: float):
+        storage.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(config.tracking_uri(), config.tracking.experiment, artifact_root=storage / "mlartifacts")
+    with (tracker.run(config.tracking.run_name, tags=_tags(config), parent_run_id=parent_run_id)
+          if tracker else contextlib.nullcontext()) as run:
+        tracking = None if run is None else {
+            "uri": config.tracking_uri(), "experiment": config.tracking.experiment, "parent_run_id": run.run_id}
+        if run is not None:
+            run.log_params(config.to_dict())
+        summary, evaluation, pair = _stages(config, store, reuse, progress, tracking)
+        summary["time_total"] = time.perf_counter() - t0
+        if run is not None:
+            summary["mlflow_run_id"] = run.run_id
+            _log_results(run, config, summary, evaluation, pair, out)
+        else:
+            summary["mlflow_run_id"] = None
+    if out is not None:
+        _write_json(Path(out) / "summary.json", summary)
+    return summary
+
+
+def _stages(
+    config: ExperimentConfig, store: StageStore, reuse: bool, progress: ProgressFn, tracking: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any], DatasetPair]:
+    import ray
+
+    storage = store.root.parent
+
+    def orchestrator(scaling: Scaling | None = None):
+        # A stage that launches Ray Train workers holds no CPU itself (its workers do); one that
+        # computes in-process (light tasks, Train's local mode) holds what it computes with.
+        if scaling is None:
+            cpus = config.ray.task_cpus
+        else:
+            cpus = scaling.cpus_per_worker if scaling.num_workers == 0 else 0
         return ray.remote(num_cpus=cpus, max_retries=0)(_stage_task)
 
     progress(f"[1/5] data: loading {config.data.name}")
@@ -275,51 +350,68 @@ def _run(
         return result
 
     progress(f"[2/5] poison: {config.attack.name} at rate {config.attack.poison_rate} (seed {config.seed})")
-    poison = report(ray.get(remote(light).remote(
+    poison = report(ray.get(orchestrator().remote(
         str(store.root), reuse, "poison", {**data_key, "attack": cfg["attack"]}, [], poison_stage, config, pair_ref
     )))
     if config.model.checkpoint:
         progress(f"[3/5] model: vetting the suspect checkpoint {config.model.checkpoint}")
         suspect_key = {"checkpoint_sha256": _file_sha256(config.model.checkpoint), "model": cfg["model"]}
 
-        def import_checkpoint(tmp: Path, path: str) -> None:
+        def import_checkpoint(tmp: Path) -> None:
             from bdray.models import load_weights, save_weights
 
-            save_weights(load_weights(model_spec(config, pair).build(), path), tmp / "model.safetensors")
+            model = load_weights(model_spec(config, pair).build(), config.model.checkpoint)
+            save_weights(model, tmp / "model.safetensors")
 
-        train = report(store.run("suspect", suspect_key, [], lambda tmp: import_checkpoint(tmp, config.model.checkpoint)))
+        train = report(store.run("suspect", suspect_key, [], import_checkpoint))
     else:
-        progress(f"[3/5] train M: {config.model.name}, {config.train.epochs} epochs on {len(pair.train)} images")
-        train = report(ray.get(remote(heavy).remote(
+        scaling = config.ray.train
+        progress(f"[3/5] train M: {config.model.name}, {config.train.epochs} epochs on {len(pair.train)} images, "
+                 f"{scaling.num_workers} Ray Train worker(s)")
+        job = TrainJob("train", config.train, scaling, config.seed, tracking=tracking, resume=reuse)
+        train = report(ray.get(orchestrator(scaling).remote(
             str(store.root), reuse, "train", {"model": cfg["model"], "train": cfg["train"], "seed": config.seed},
-            [poison.key], train_stage, config, pair_ref, poison.path, heavy,
+            [poison.key], train_stage, job, config, pair_ref, poison.path,
         )))
     model_path = train.path / "model.safetensors"
-    progress("[4/5] expert B and auxiliary M' (in parallel)")
+
+    progress("[4/5] expert B and auxiliary M' (side by side)")
+    splits = clean_splits(config, pair)
+    reserved_ref = ray.put(splits.reserved)
     split_key = {**data_key, "reserved": config.data.reserved_size, "calibration": config.data.calibration_size}
-    recipes = {"expert": config.defense.expert_recipe(), "auxiliary": config.defense.auxiliary}
+    jobs = {
+        "expert": TrainJob("expert", config.defense.expert_recipe(), config.ray.finetune, config.seed,
+                           model_path, tracking, resume=reuse),
+        "auxiliary": TrainJob("auxiliary", config.defense.auxiliary, config.ray.finetune, config.seed + 1,
+                              model_path, tracking, resume=reuse),
+    }
     refs = {
-        kind: remote(light).remote(
-            str(store.root), reuse, kind, {"split": split_key, "recipe": recipe.model_dump(mode="json"),
-                                           "seed": config.seed},
-            [train.key], finetune_stage, kind, config, pair_ref, model_path, light,
+        kind: orchestrator(job.scaling).remote(
+            str(store.root), reuse, kind,
+            {"split": split_key, "recipe": job.recipe.model_dump(mode="json"), "seed": job.seed},
+            [train.key], train_stage, job, config, pair_ref, reserved_ref,
         )
-        for kind, recipe in recipes.items()
+        for kind, job in jobs.items()
     }
     expert, auxiliary = (report(ray.get(refs[k])) for k in ("expert", "auxiliary"))
+
     progress("[5/5] calibrate on held-out clean data and evaluate")
-    evaluation = ray.get(ray.remote(num_cpus=heavy, max_retries=0)(evaluate).remote(
-        config, pair_ref, model_path, expert.path / "expert.safetensors", auxiliary.path / "auxiliary.safetensors", heavy
+    evaluation = ray.get(ray.remote(num_cpus=config.ray.task_cpus, max_retries=0)(evaluate).remote(
+        config, pair_ref, poison.path, model_path, expert.path / "model.safetensors",
+        auxiliary.path / "model.safetensors",
+        config.ray.task_cpus,
     ))
-    metrics = evaluation["metrics"]
-    timings["time_total"] = time.perf_counter() - t0
     keys = {"poison": poison.key, "train": train.key, "expert": expert.key, "auxiliary": auxiliary.key}
-    summary = {**metrics, **timings, "stage_keys": keys}
-    run_id = _track(config, summary, evaluation, pair, out, parent_run_id) if config.tracking.enabled else None
-    summary["mlflow_run_id"] = run_id
-    if out is not None:
-        _write_json(Path(out) / "summary.json", summary)
-    return summary
+    return {**evaluation["metrics"], **timings, "stage_keys": keys}, evaluation, pair
+
+
+def _tags(config: ExperimentConfig) -> dict[str, str]:
+    from bdray.tracking import git_commit
+
+    return {
+        "attack": config.attack.name, "defense": config.defense.name, "dataset": config.data.name,
+        "model": config.model.name, "seed": str(config.seed), "git_commit": git_commit() or "unknown",
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -328,36 +420,26 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float)))
 
 
-def _track(
-    config: ExperimentConfig, summary: dict[str, Any], evaluation: dict[str, Any], pair: DatasetPair,
-    out: str | Path | None, parent_run_id: str | None,
-) -> str:
+def _log_results(
+    run: Any, config: ExperimentConfig, summary: dict[str, Any], evaluation: dict[str, Any], pair: DatasetPair,
+    out: str | Path | None,
+) -> None:
     import tempfile
 
     import yaml
 
-    from bdray.tracking import Tracker, git_commit, plots
+    from bdray.tracking import plots
 
-    storage = Path(config.storage).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(config.tracking_uri(), config.tracking.experiment, artifact_root=storage / "mlartifacts")
-    tags = {
-        "attack": config.attack.name, "defense": config.defense.name, "dataset": config.data.name,
-        "model": config.model.name, "seed": str(config.seed), "git_commit": git_commit() or "unknown",
-    }
     arrays = evaluation["arrays"]
-    with tracker.run(config.tracking.run_name, tags=tags, parent_run_id=parent_run_id) as run:
-        run.log_params(config.to_dict())
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
-        run.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
-        run.log_text(json.dumps(summary["stage_keys"], indent=2), "stage_keys.json")
-        run.log_figure(plots.roc_figure(arrays["clean_scores"], arrays["bd_scores"], "BaDExpert ROC"), "roc.png")
-        run.log_figure(plots.score_histogram(arrays["clean_scores"], arrays["bd_scores"], arrays["threshold"]),
-                       "score_histogram.png")
-        run.log_figure(plots.confidence_plane(arrays["clean_conf"], arrays["bd_conf"], config.defense.gamma),
-                       "confidence_plane.png")
-        with tempfile.TemporaryDirectory() as tmp:
-            detector_dir = Path(out) / "detector" if out is not None else Path(tmp) / "detector"
-            evaluation["detector"].save(detector_dir, model_spec(config, pair), {"attack": config.attack.name})
-            run.log_artifact(detector_dir, "detector")
-        return run.run_id
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
+    run.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+    run.log_text(json.dumps(summary["stage_keys"], indent=2), "stage_keys.json")
+    run.log_figure(plots.roc_figure(arrays["clean_scores"], arrays["bd_scores"], "BaDExpert ROC"), "roc.png")
+    run.log_figure(plots.score_histogram(arrays["clean_scores"], arrays["bd_scores"], arrays["threshold"]),
+                   "score_histogram.png")
+    run.log_figure(plots.confidence_plane(arrays["clean_conf"], arrays["bd_conf"], config.defense.gamma),
+                   "confidence_plane.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        detector_dir = Path(out) / "detector" if out is not None else Path(tmp) / "detector"
+        evaluation["detector"].save(detector_dir, model_spec(config, pair), {"attack": config.attack.name})
+        run.log_artifact(detector_dir, "detector")

@@ -46,13 +46,22 @@ def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_co
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"roc.png", "score_histogram.png", "confidence_plane.png"}
 
+    # One child run per training stage, each finished, with its per-epoch metrics.
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(c.data.tags["stage"] for c in children) == ["auxiliary", "expert", "train"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    train_run = next(c for c in children if c.data.tags["stage"] == "train")
+    steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(config.train.epochs))
+
     # The saved detector reloads (no pickle) and scores exactly as the run did.
     detector = BaDExpert.load(out / "detector")
     assert detector.threshold_ == pytest.approx(summary["threshold"])
 
     # Same config again: every stage is found in the store, nothing is retrained.
-    again = run_experiment(config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})}),
-                           progress=lines.append)
+    untracked = config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})})
+    again = run_experiment(untracked, progress=lines.append)
     assert again["stage_keys"] == summary["stage_keys"]
     assert again["auroc"] == pytest.approx(summary["auroc"])
     from bdray.stages import StageStore

@@ -158,7 +158,7 @@ def _slow_compute(log: Path):
     return compute
 
 
-def _worker(root: str, log: str, barrier, results) -> None:  # noqa: ANN001 - multiprocessing objects
+def _worker(root: str, log: str, barrier, results) -> None:
     barrier.wait(timeout=30)
     result = StageStore(root).run("train", CONFIG, INPUTS, _slow_compute(Path(log)))
     results.put((result.cached, str(result.path)))

@@ -8,7 +8,7 @@ and pickles (Ray ships it to workers).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -43,9 +43,34 @@ class Attack:
         self.num_classes = num_classes
 
     # -- the pieces ---------------------------------------------------------------------------
-    def trigger(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
-        """Float kernel on (B, C, H, W) images in [0, 1]; must not modify its input."""
+    #: True when the attack has a trained part (generator, encoder, surrogate) that ``fit`` builds.
+    needs_fit: ClassVar[bool] = False
+
+    def fit(self, clean: ImageSet, *, seed: int) -> Attack:
+        """Train the attack's own parts on data the attacker holds; a no-op for static triggers."""
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that ``fit`` produced (saved as safetensors beside the poisoned set)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Attack:
+        return self
+
+    def trigger(
+        self, images: torch.Tensor, *, test: bool = False, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float kernel on (B, C, H, W) images in [0, 1]; must not modify its input.
+
+        ``index`` holds the samples' positions in their dataset: a kernel with per-sample randomness
+        derives it from (attack seed, index), so a batch gives the same pixels as one-by-one calls
+        and the planned Parquet mode reproduces the materialized one.
+        """
         raise NotImplementedError
+
+    def cover_trigger(self, images: torch.Tensor, *, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The trigger stamped on cover samples (label kept); Adap-* attacks use weaker variants."""
+        return self.trigger(images, index=index)
 
     def target_labels(self, labels: torch.Tensor) -> torch.Tensor:
         if self.config.mode == "all_to_all":
@@ -59,10 +84,22 @@ class Attack:
             return labels != self.config.target
         return np.ones_like(labels, dtype=bool)
 
+    def plan(self, labels: np.ndarray, seed: int) -> PoisonPlan:
+        """Which samples to poison, which to cover, and every training label afterwards."""
+        poison = self.select(labels, seed)
+        cover = self.select_cover(labels, seed, poison)
+        new_labels = labels.copy()
+        new_labels[poison] = self.target_labels(torch.from_numpy(labels[poison])).numpy()
+        return PoisonPlan(poison.astype(np.int64), cover.astype(np.int64), new_labels.astype(np.int64))
+
+    def select_cover(self, labels: np.ndarray, seed: int, poison: np.ndarray) -> np.ndarray:
+        """Cover samples (triggered, true label kept); none unless an attack asks for them."""
+        return np.zeros(0, dtype=np.int64)
+
     def select(self, labels: np.ndarray, seed: int) -> np.ndarray:
         """Seeded, sorted indices of the samples to poison."""
         candidates = np.flatnonzero(self.eligible(labels))
-        n = int(round(self.config.poison_rate * len(labels)))
+        n = round(self.config.poison_rate * len(labels))
         if n > len(candidates):
             raise ValueError(
                 f"attack.poison_rate {self.config.poison_rate} asks for {n} samples but only "
@@ -71,12 +108,15 @@ class Attack:
         return np.sort(np.random.default_rng(seed).choice(candidates, size=n, replace=False))
 
     # -- the batch transform ------------------------------------------------------------------
-    def apply(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
-        """The trigger on uint8 or float images, returning the input's dtype."""
+    def apply(
+        self, images: torch.Tensor, *, test: bool = False, index: torch.Tensor | None = None, cover: bool = False
+    ) -> torch.Tensor:
+        """The trigger (or the cover trigger) on uint8 or float images, returning the input's dtype."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        out = self.cover_trigger(x, index=index) if cover else self.trigger(x, test=test, index=index)
         if images.dtype == torch.uint8:
-            out = self.trigger(images.float() / 255.0, test=test)
             return (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
-        return self.trigger(images, test=test).clamp(0, 1).to(images.dtype)
+        return out.clamp(0, 1).to(images.dtype)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.apply(images), self.target_labels(labels)
@@ -119,12 +159,32 @@ def build_attack(config: AttackConfig | dict, *, image_shape: tuple[int, int, in
 
 
 @dataclass(frozen=True)
+class PoisonPlan:
+    """What an attack does to a dataset, without the pixels: enough to re-create it exactly."""
+
+    poison_index: np.ndarray  # sorted; triggered, label set by the attack (kept for clean-label attacks)
+    cover_index: np.ndarray  # sorted; triggered with the cover trigger, true label kept
+    labels: np.ndarray  # (N,) training labels after poisoning
+
+    def __post_init__(self) -> None:
+        if np.intersect1d(self.poison_index, self.cover_index).size:
+            raise ValueError("a sample cannot be both poisoned and a cover sample")
+
+
+@dataclass(frozen=True)
 class PoisonedSet:
     """A training set after poisoning, with the ground truth a defense never sees."""
 
     data: ImageSet  # images with triggers, labels as the attacker set them
     true_labels: np.ndarray
     poison_index: np.ndarray  # sorted indices of poisoned samples
+    cover_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def is_cover(self) -> np.ndarray:
+        mask = np.zeros(len(self.data), dtype=bool)
+        mask[self.cover_index] = True
+        return mask
 
     @property
     def is_poison(self) -> np.ndarray:
@@ -134,18 +194,32 @@ class PoisonedSet:
 
 
 def poison_dataset(data: ImageSet, attack: Attack, seed: int, *, batch_size: int = 4096) -> PoisonedSet:
-    """Apply ``attack`` to the samples it selects with ``seed``; same inputs, same bytes out."""
-    return apply_poison(data, attack, attack.select(data.labels, seed), batch_size=batch_size)
+    """Apply ``attack`` to the samples it plans with ``seed``; same inputs, same bytes out."""
+    return apply_plan(data, attack, attack.plan(data.labels, seed), batch_size=batch_size)
+
+
+def apply_plan(data: ImageSet, attack: Attack, plan: PoisonPlan, *, batch_size: int = 4096) -> PoisonedSet:
+    """Stamp the trigger on the plan's poison and cover samples and set the plan's labels."""
+    if len(plan.labels) != len(data):
+        raise ValueError(f"the poison plan covers {len(plan.labels)} samples but the dataset has {len(data)}")
+    images = data.images.copy()
+    for index, cover in ((plan.poison_index, False), (plan.cover_index, True)):
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            images[chunk] = attack.apply(
+                torch.from_numpy(images[chunk]), index=torch.from_numpy(chunk), cover=cover
+            ).numpy()
+    return PoisonedSet(data.replace(images=images, labels=plan.labels.copy()), data.labels.copy(),
+                       plan.poison_index, plan.cover_index)
 
 
 def apply_poison(data: ImageSet, attack: Attack, index: np.ndarray, *, batch_size: int = 4096) -> PoisonedSet:
-    """Apply ``attack`` to the samples at ``index`` (a poison plan)."""
-    images, labels = data.images.copy(), data.labels.copy()
-    for start in range(0, len(index), batch_size):
-        chunk = index[start : start + batch_size]
-        x, y = attack(torch.from_numpy(images[chunk]), torch.from_numpy(labels[chunk]))
-        images[chunk], labels[chunk] = x.numpy(), y.numpy()
-    return PoisonedSet(data.replace(images=images, labels=labels), data.labels.copy(), index)
+    """Poison exactly the samples at ``index`` (no cover samples)."""
+    index = np.asarray(index, dtype=np.int64)
+    labels = data.labels.copy()
+    labels[index] = attack.target_labels(torch.from_numpy(labels[index])).numpy()
+    plan = PoisonPlan(index, np.zeros(0, dtype=np.int64), labels)
+    return apply_plan(data, attack, plan, batch_size=batch_size)
 
 
 def triggered_testset(data: ImageSet, attack: Attack, *, batch_size: int = 4096) -> tuple[ImageSet, np.ndarray]:
@@ -158,5 +232,7 @@ def triggered_testset(data: ImageSet, attack: Attack, *, batch_size: int = 4096)
     images = np.empty((len(index), *data.image_shape), dtype=np.uint8)
     for start in range(0, len(index), batch_size):
         chunk = index[start : start + batch_size]
-        images[start : start + len(chunk)] = attack.apply(torch.from_numpy(data.images[chunk]), test=True).numpy()
+        images[start : start + len(chunk)] = attack.apply(
+            torch.from_numpy(data.images[chunk]), test=True, index=torch.from_numpy(chunk)
+        ).numpy()
     return data.subset(index).replace(images=images, labels=targets[index]), index

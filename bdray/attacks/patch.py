@@ -56,7 +56,9 @@ class BadNet(Attack):
             patch = np.random.default_rng(config.seed).integers(0, 2, (c, s, s)).astype(np.float32)
         self.patch = torch.from_numpy(np.array(patch, dtype=np.float32))
 
-    def trigger(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
+    def trigger(
+        self, images: torch.Tensor, *, test: bool = False, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = images.clone()
         s = self.config.patch_size
         out[..., self.top : self.top + s, self.left : self.left + s] = self.patch.to(images)
@@ -105,6 +107,8 @@ class Blend(Attack):
             pattern = load_pattern_image(config.pattern, self.image_shape)
         self.pattern = torch.from_numpy(pattern)
 
-    def trigger(self, images: torch.Tensor, *, test: bool = False) -> torch.Tensor:
+    def trigger(
+        self, images: torch.Tensor, *, test: bool = False, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         alpha = self.config.test_alpha if (test and self.config.test_alpha) else self.config.alpha
         return (1 - alpha) * images + alpha * self.pattern.to(images)

@@ -73,7 +73,8 @@ class BaDExpert(Detector):
         return fit(copy.deepcopy(model), clean, self.config.auxiliary, seed=seed + 1)
 
     def fit(self, model: nn.Module, clean: ImageSet, *, seed: int = 0) -> BaDExpert:
-        return self.set_models(model, self.fit_expert(model, clean, seed=seed), self.fit_auxiliary(model, clean, seed=seed))
+        expert = self.fit_expert(model, clean, seed=seed)
+        return self.set_models(model, expert, self.fit_auxiliary(model, clean, seed=seed))
 
     def set_models(self, model: nn.Module, expert: nn.Module, auxiliary: nn.Module) -> BaDExpert:
         """Adopt already-trained M, B and M' (e.g. from cached stages)."""

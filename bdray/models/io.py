@@ -46,9 +46,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            obj = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"checkpoint {path}: not a valid safetensors file ({exc})") from None
+        return _strip_ddp_prefix(obj)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -62,8 +63,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UnsafeCheckpointError(f"checkpoint {path}: expected a dict of tensors (a state_dict)")
+    return _strip_ddp_prefix(obj)
+
+
+def _strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DataParallel/DDP checkpoints prefix every key with "module."
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:

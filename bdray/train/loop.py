@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,13 +41,76 @@ def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator)
     return x
 
 
-def iterate_batches(
-    n: int, batch_size: int, generator: torch.Generator | None, *, drop_last: bool = False
+def epoch_order(n: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """The global sample order of one epoch: the same on every worker, and after a restart."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def worker_batches(
+    n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
 ) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    stop = n - n % batch_size if (drop_last and n > batch_size) else n
-    for start in range(0, stop, batch_size):
-        yield order[start : start + batch_size]
+    """Indices of this worker's part of each global batch (DDP splits every global batch evenly).
+
+    ``batch_size`` is the global batch: a 2-worker run and a 1-worker run see the same samples per
+    step, so their averaged gradients agree.
+    """
+    order = epoch_order(n, seed=seed, epoch=epoch)
+    for start in range(0, n, batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < world_size:  # a worker with no samples would stall the all-reduce
+            break
+        yield batch[rank::world_size]
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    recipe: TrainRecipe,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """One pass over ``batches`` of (uint8 images, labels already mapped); shared by every trainer."""
+    stats = EpochStats()
+    model.train()
+    device = torch.device(device)
+    for step, (images, labels) in enumerate(batches):
+        if on_step is not None:
+            on_step(step)
+        x = augment_batch(to_float(images), recipe.augment, generator).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        stats.loss_sum += loss.item() * len(y)
+        stats.correct += int((logits.argmax(1) == y).sum())
+        stats.seen += len(y)
+    return stats
+
+
+def augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + rank + 1)
 
 
 def fit(
@@ -58,34 +122,22 @@ def fit(
     device: str | torch.device = "cpu",
     on_epoch: EpochCallback | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place on ``data`` following ``recipe``; returns the model.
+    """Train ``model`` in place on ``data`` following ``recipe`` in this process; returns the model.
 
-    Shuffling and augmentation draw from a generator seeded with ``seed``, so one process on the
-    CPU reproduces a run bit for bit.
+    Sample order and augmentation derive from (seed, epoch), so a run is reproducible bit for bit
+    on the CPU and matches a 1-worker Ray Train run of the same recipe.
     """
-    generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(data.images)
     labels = (torch.from_numpy(data.labels) + recipe.label_shift) % data.num_classes
-    model.to(device).train()
+    model.to(device)
     optimizer = recipe.make_optimizer(model.parameters())
-    steps = -(-len(data) // recipe.batch_size)
-    scheduler = recipe.make_scheduler(optimizer, steps)
+    scheduler = recipe.make_scheduler(optimizer, -(-len(data) // recipe.batch_size))
     for epoch in range(recipe.epochs):
-        total_loss, correct, seen = 0.0, 0, 0
-        for idx in iterate_batches(len(data), recipe.batch_size, generator):
-            x = augment_batch(to_float(images[idx]), recipe.augment, generator).to(device)
-            y = labels[idx].to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(idx)
+        batches = ((images[i], labels[i]) for i in worker_batches(len(data), recipe.batch_size, seed=seed, epoch=epoch))
+        stats = train_epoch(model, optimizer, scheduler, batches, recipe,
+                            generator=augment_generator(seed, epoch), device=device)
         if on_epoch is not None:
-            on_epoch(epoch, {"loss": total_loss / seen, "train_acc": correct / seen})
+            on_epoch(epoch, stats.as_dict())
     return model
 
 

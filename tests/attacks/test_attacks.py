@@ -324,7 +324,7 @@ def test_blend_noise_pattern_is_seeded() -> None:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_blend_from_png(shape, tmp_path: Path) -> None:
-    c, h, w = shape
+    c, h, _ = shape
     # an 8x8 RGB image: left half red, right half blue; resized to the data's shape
     array = np.zeros((8, 8, 3), np.uint8)
     array[:, :4, 0] = 255

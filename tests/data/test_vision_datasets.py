@@ -272,7 +272,7 @@ def test_gtsrb_torchvision_layout(tmp_path: Path) -> None:
     for k in range(3):
         assert (pair.test.images[k].reshape(3, -1).T == (k, 2 * k, 3 * k)).all()
     # train corners keep the background color after the resize
-    for image, (_, color) in zip(pair.train.images, written["train"]):
+    for image, (_, color) in zip(pair.train.images, written["train"], strict=True):
         np.testing.assert_array_equal(image[:, 0, 0], color)
 
     # root may be the gtsrb folder itself (the one holding GTSRB/); Roi cropping leaves only the sign
@@ -327,7 +327,7 @@ def test_imagefolder_class_folders(tmp_path: Path) -> None:
     # classes in sorted folder order: n01 -> 0, n02 -> 1, n03 -> 2
     np.testing.assert_array_equal(pair.train.labels, [0, 0, 0, 1, 1, 1, 2, 2, 2])
     np.testing.assert_array_equal(pair.test.labels, [0, 0, 1, 1, 2, 2])
-    for image, label, k in zip(pair.train.images, pair.train.labels, [0, 1, 2] * 3):
+    for image, label, k in zip(pair.train.images, pair.train.labels, [0, 1, 2] * 3, strict=True):
         tolerance = 0 if k == 0 else 3  # png exact, jpeg near
         assert np.abs(image.reshape(3, -1).T.astype(int) - _class_color(label, k)).max() <= tolerance
 
@@ -346,7 +346,8 @@ def test_imagefolder_resize_crop_channels_and_limit(tmp_path: Path) -> None:
     # shorter side 8 -> 4 makes it 4x24; the centre crop keeps columns 10..14, inside the green band
     assert (pair.train.images[0].reshape(3, -1).T == (0, 255, 0)).all()
     gray = get_dataset("imagefolder", root=str(tmp_path), image_size=8, channels=1)
-    assert gray.train.images.shape == (3, 1, 8, 8) and gray.test.images.shape == (1, 1, 8, 8) and gray.train.mean == pytest.approx((0.449,))
+    assert gray.train.images.shape == (3, 1, 8, 8) and gray.test.images.shape == (1, 1, 8, 8)
+    assert gray.train.mean == pytest.approx((0.449,))
     assert (gray.train.images == 150).all()  # PIL's L of pure green: 0.587 * 255
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         get_dataset("imagefolder", root=str(tmp_path), channels=2)

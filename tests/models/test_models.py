@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -176,12 +175,6 @@ def test_ddp_prefixed_state_dict_loads(tmp_path: Path, backbone_only: bool) -> N
     assert torch.equal(outputs(model), outputs(load_weights(fresh_model(), path)))
 
 
-@pytest.mark.xfail(
-    reason="bdray/models/io.py load_state_dict strips the DDP 'module.' prefix only for torch files, "
-    "not for .safetensors",
-    raises=ValueError,
-    strict=False,
-)
 def test_ddp_prefixed_safetensors_loads(tmp_path: Path) -> None:
     model = small_model()
     path = tmp_path / "ddp.safetensors"
