@@ -52,6 +52,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from bdray.tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.set)
+    result = run_sweep(sweep, resume=not args.no_resume)
+    ran = sum(not t["skipped"] for t in result["trials"])
+    print(f"{len(result['trials'])} trials ({ran} run now, {len(result['trials']) - ran} finished earlier); "
+          f"MLflow experiment '{result['experiment']}', parent run {result['parent_run_id']}")
+    if result["best"] is not None:
+        print(f"best {sweep.metric}: {result['best']['metrics'][sweep.metric]:.4f} at {result['best']['params']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bdray.report import DEFAULT_METRICS, write_report
+
+    uri = args.uri or f"sqlite:///{Path(args.storage).resolve() / 'mlflow.db'}"
+    metrics = tuple(args.metric) if args.metric else DEFAULT_METRICS
+    try:
+        written = write_report(args.experiment, uri, args.out, metrics=metrics, x=args.x)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(written["markdown"])
+    print(f"report written to {Path(args.out) / 'report.md'} (+ report.csv, {len(written['plots'])} plots)")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     print(json.dumps(config.to_dict(), indent=2) if args.show else f"{args.config}: ok")
@@ -80,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a field, e.g. defense.eta=3e-4")
     run.add_argument("--no-reuse", action="store_true", help="recompute every stage even if its artifact exists")
     run.set_defaults(func=_cmd_run)
+    swp = sub.add_parser("sweep", help="run a Ray Tune sweep over experiment fields, tracked in MLflow")
+    swp.add_argument("sweep", help="YAML sweep config (base experiment + search space)")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a sweep field, e.g. max_concurrent_trials=2 or overrides.data.train_subset=5000")
+    swp.add_argument("--no-resume", action="store_true", help="run finished trials again instead of skipping them")
+    swp.set_defaults(func=_cmd_sweep)
+    rep = sub.add_parser("report", help="compare a sweep's trials from MLflow: table and plots")
+    rep.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    rep.add_argument("--uri", help="MLflow tracking URI (default: sqlite under --storage)")
+    rep.add_argument("--storage", default=".bdray", help="storage folder holding mlflow.db")
+    rep.add_argument("--out", default="runs/report", help="folder for report.md, report.csv and plots")
+    rep.add_argument("--metric", action="append", help="metric to report (repeatable; default: the main ones)")
+    rep.add_argument("--x", help="swept field on the plots' x axis (default: the first numeric one)")
+    rep.set_defaults(func=_cmd_report)
     val = sub.add_parser("validate", help="validate a config without running anything")
     val.add_argument("config")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -164,7 +164,7 @@ def evaluate(
     )
     splits = clean_splits(config, pair)
     evaluation = splits.evaluation
-    triggered, _ = triggered_testset(evaluation, load_attack(poison_path, config, pair))
+    triggered, src = triggered_testset(evaluation, load_attack(poison_path, config, pair))
     detector.calibrate(splits.calibration)
     threshold = detector.threshold_
 
@@ -219,6 +219,7 @@ def evaluate(
         "clean_conf": (clean_c["conf_expert"][clean_ok], clean_c["conf_aux"][clean_ok]),
         "bd_conf": (bd_c["conf_expert"][bd_ok], bd_c["conf_aux"][bd_ok]),
         "threshold": threshold,
+        "preview": (evaluation.images[src[:8]], triggered.images[:8]),
     }
     return {"metrics": out, "arrays": arrays, "detector": detector}
 
@@ -249,8 +250,10 @@ def ensure_ray(config: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": config.ray.log_to_driver}
-    if config.ray.address:
-        ray.init(address=config.ray.address, **kwargs)
+    # A `ray job submit` job (or a shell with RAY_ADDRESS set) runs on that cluster, not a new one.
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         # Loopback only: a local dashboard (and its job API) must not be reachable from the network.
         ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=config.ray.dashboard,
@@ -265,13 +268,17 @@ def run_experiment(
     reuse: bool = True,
     progress: ProgressFn = _stderr,
     parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole BaDExpert experiment on Ray and record it in MLflow; returns the summary."""
+    """Run the whole BaDExpert experiment on Ray and record it in MLflow; returns the summary.
+
+    ``parent_run_id`` nests the run under another (a sweep's); ``tags`` are added to it.
+    """
     import ray
 
     started_here = ensure_ray(config)
     try:
-        return _run(config, out=out, reuse=reuse, progress=progress, parent_run_id=parent_run_id)
+        return _run(config, out=out, reuse=reuse, progress=progress, parent_run_id=parent_run_id, tags=tags)
     finally:
         if started_here:
             ray.shutdown()
@@ -286,7 +293,8 @@ def _check_resources(config: ExperimentConfig, cluster_cpus: float) -> None:
 
 
 def _run(
-    config: ExperimentConfig, *, out: str | Path | None, reuse: bool, progress: ProgressFn, parent_run_id: str | None
+    config: ExperimentConfig, *, out: str | Path | None, reuse: bool, progress: ProgressFn, parent_run_id: str | None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import contextlib
 
@@ -302,7 +310,7 @@ def _run(
 
         storage.mkdir(parents=True, exist_ok=True)
         tracker = Tracker(config.tracking_uri(), config.tracking.experiment, artifact_root=storage / "mlartifacts")
-    with (tracker.run(config.tracking.run_name, tags=_tags(config), parent_run_id=parent_run_id)
+    with (tracker.run(config.tracking.run_name, tags={**_tags(config), **(tags or {})}, parent_run_id=parent_run_id)
           if tracker else contextlib.nullcontext()) as run:
         tracking = None if run is None else {
             "uri": config.tracking_uri(), "experiment": config.tracking.experiment, "parent_run_id": run.run_id}
@@ -320,6 +328,14 @@ def _run(
     return summary
 
 
+def _outside_trial():
+    # Inside a Tune trial, tasks would be captured into the trial's placement group (a sliver of a
+    # CPU); stages ask for their own resources from the whole cluster instead.
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)
+
+
 def _stages(
     config: ExperimentConfig, store: StageStore, reuse: bool, progress: ProgressFn, tracking: dict[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any], DatasetPair]:
@@ -334,7 +350,7 @@ def _stages(
             cpus = config.ray.task_cpus
         else:
             cpus = scaling.cpus_per_worker if scaling.num_workers == 0 else 0
-        return ray.remote(num_cpus=cpus, max_retries=0)(_stage_task)
+        return ray.remote(num_cpus=cpus, max_retries=0, scheduling_strategy=_outside_trial())(_stage_task)
 
     progress(f"[1/5] data: loading {config.data.name}")
     pair = load_data(config)
@@ -396,7 +412,8 @@ def _stages(
     expert, auxiliary = (report(ray.get(refs[k])) for k in ("expert", "auxiliary"))
 
     progress("[5/5] calibrate on held-out clean data and evaluate")
-    evaluation = ray.get(ray.remote(num_cpus=config.ray.task_cpus, max_retries=0)(evaluate).remote(
+    evaluation = ray.get(ray.remote(num_cpus=config.ray.task_cpus, max_retries=0,
+                                    scheduling_strategy=_outside_trial())(evaluate).remote(
         config, pair_ref, poison.path, model_path, expert.path / "model.safetensors",
         auxiliary.path / "model.safetensors",
         config.ray.task_cpus,
@@ -439,6 +456,8 @@ def _log_results(
                    "score_histogram.png")
     run.log_figure(plots.confidence_plane(arrays["clean_conf"], arrays["bd_conf"], config.defense.gamma),
                    "confidence_plane.png")
+    if "preview" in arrays:
+        run.log_figure(plots.trigger_preview(*arrays["preview"]), "trigger_preview.png")
     with tempfile.TemporaryDirectory() as tmp:
         detector_dir = Path(out) / "detector" if out is not None else Path(tmp) / "detector"
         evaluation["detector"].save(detector_dir, model_spec(config, pair), {"attack": config.attack.name})

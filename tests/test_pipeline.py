@@ -44,7 +44,7 @@ def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_co
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plots", "detector"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"roc.png", "score_histogram.png", "confidence_plane.png"}
+    assert plots == {"roc.png", "score_histogram.png", "confidence_plane.png", "trigger_preview.png"}
 
     # One child run per training stage, each finished, with its per-epoch metrics.
     children = client.search_runs([run.info.experiment_id],

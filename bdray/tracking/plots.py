@@ -54,3 +54,20 @@ def confidence_plane(
     ax.legend(loc="upper right", markerscale=4)
     fig.tight_layout()
     return fig
+
+
+def trigger_preview(clean: np.ndarray, triggered: np.ndarray) -> Figure:
+    """Clean inputs (top row) and their triggered copies (bottom row), uint8 (N, C, H, W)."""
+    n = max(1, min(len(clean), len(triggered), 8))
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3), squeeze=False)
+    for row, images in enumerate((clean, triggered)):
+        for i, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if i < len(images):
+                img = images[i].transpose(1, 2, 0)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                          vmin=0, vmax=255)
+    axes[0][0].set_title("clean", loc="left", fontsize=9)
+    axes[1][0].set_title("triggered", loc="left", fontsize=9)
+    fig.tight_layout()
+    return fig
