@@ -148,45 +148,84 @@ def train_stage(out: Path, job: TrainJob, config: ExperimentConfig, pair: Datase
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-def evaluate(
-    config: ExperimentConfig, pair: DatasetPair, poison_path: Path, model_path: Path, expert_path: Path,
-    aux_path: Path, num_cpus: float,
-) -> dict[str, Any]:
-    """Calibrate on held-out clean data and measure everything; returns metrics and plot arrays."""
-    from bdray import metrics
+def eval_inputs(config: ExperimentConfig, pair: DatasetPair, poison_path: Path) -> dict[str, Any]:
+    """The images every model is scored on: held-out calibration, evaluation, triggered, noisy copies."""
+    from bdray.metrics import gaussian_noise_copy
+
+    splits = clean_splits(config, pair)
+    evaluation = splits.evaluation
+    triggered, src = triggered_testset(evaluation, load_attack(poison_path, config, pair))
+    sigma = config.eval.noise_sigma
+    return {
+        "splits": splits, "triggered": triggered, "src": src,
+        "images": {
+            "calibration": splits.calibration.images,
+            "clean": evaluation.images,
+            "triggered": triggered.images,
+            # The paper's noisy augmented set adds a Gaussian-noise copy of every input.
+            "clean_noisy": gaussian_noise_copy(evaluation.images, sigma, config.seed),
+            "triggered_noisy": gaussian_noise_copy(triggered.images, sigma, config.seed + 1),
+        },
+    }
+
+
+def predict_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison_path: Path, weights: Path,
+                  num_cpus: float) -> None:
+    """Softmax outputs of one model on every evaluation input: computed once per model, so a sweep
+    over eta scores M and M' once and only each new expert B afresh."""
     from bdray.models import load_weights
     from bdray.train import predict_proba
 
     _set_threads(num_cpus)
+    model = load_weights(model_spec(config, pair).build(), weights)
+    inputs = eval_inputs(config, pair, poison_path)["images"]
+    np.savez(out / "probs.npz", **{k: predict_proba(model, v, batch_size=config.eval.batch_size).astype(np.float32)
+                                   for k, v in inputs.items()})
+
+
+def evaluate(
+    config: ExperimentConfig, pair: DatasetPair, poison_path: Path, model_dir: Path, expert_dir: Path,
+    aux_dir: Path, probs: dict[str, Path], num_cpus: float,
+) -> dict[str, Any]:
+    """Calibrate on held-out clean data and measure everything from the models' saved predictions."""
+    from bdray import metrics
+    from bdray.defenses.badexpert import eq3_score
+    from bdray.models import load_weights
+
+    _set_threads(num_cpus)
     spec = model_spec(config, pair)
     detector = BaDExpert(config.defense).set_models(
-        *(load_weights(spec.build(), p) for p in (model_path, expert_path, aux_path))
+        *(load_weights(spec.build(), d / "model.safetensors") for d in (model_dir, expert_dir, aux_dir))
     )
-    splits = clean_splits(config, pair)
-    evaluation = splits.evaluation
-    triggered, src = triggered_testset(evaluation, load_attack(poison_path, config, pair))
-    detector.calibrate(splits.calibration)
-    threshold = detector.threshold_
-
-    clean_c = detector.confidences(evaluation.images)
-    bd_c = detector.confidences(triggered.images)
+    inputs = eval_inputs(config, pair, poison_path)
+    evaluation, triggered, src = inputs["splits"].evaluation, inputs["triggered"], inputs["src"]
+    p = {who: np.load(path / "probs.npz") for who, path in probs.items()}
     gamma = config.defense.gamma
-    from bdray.defenses.badexpert import eq3_score
 
-    clean_s = -eq3_score(clean_c["conf_expert"], clean_c["conf_aux"], gamma)
-    bd_s = -eq3_score(bd_c["conf_expert"], bd_c["conf_aux"], gamma)
+    def conf(name: str) -> dict[str, np.ndarray]:
+        """Eq. 3's inputs on one input set: M's prediction, B's and M''s confidence in it."""
+        pm = p["model"][name]
+        pred = pm.argmax(1)
+        rows = np.arange(len(pred))
+        pe, pa = p["expert"][name], p["auxiliary"][name]
+        c = {"pred": pred, "conf_expert": pe[rows, pred], "conf_aux": pa[rows, pred],
+             "pred_expert": pe.argmax(1), "pred_aux": pa.argmax(1)}
+        c["score"] = -eq3_score(c["conf_expert"], c["conf_aux"], gamma)
+        return c
+
+    calib, clean_c, bd_c = conf("calibration"), conf("clean"), conf("triggered")
+    threshold = metrics.calibrate_threshold(calib["score"], config.defense.target_fpr)
+    detector.threshold_ = threshold
+    clean_s, bd_s = clean_c["score"], bd_c["score"]
     clean_ok, bd_ok = metrics.detection_population(clean_c["pred"], evaluation.labels, bd_c["pred"], triggered.labels)
-
-    def pred(model: Any, images: np.ndarray) -> np.ndarray:
-        return predict_proba(model, images).argmax(1)
 
     out: dict[str, Any] = {
         "model_ca": metrics.accuracy(clean_c["pred"], evaluation.labels),
         "model_asr": metrics.accuracy(bd_c["pred"], triggered.labels),
-        "expert_ca": metrics.accuracy(pred(detector.expert_, evaluation.images), evaluation.labels),
-        "expert_asr": metrics.accuracy(pred(detector.expert_, triggered.images), triggered.labels),
-        "aux_ca": metrics.accuracy(pred(detector.auxiliary_, evaluation.images), evaluation.labels),
-        "aux_asr": metrics.accuracy(pred(detector.auxiliary_, triggered.images), triggered.labels),
+        "expert_ca": metrics.accuracy(clean_c["pred_expert"], evaluation.labels),
+        "expert_asr": metrics.accuracy(bd_c["pred_expert"], triggered.labels),
+        "aux_ca": metrics.accuracy(clean_c["pred_aux"], evaluation.labels),
+        "aux_asr": metrics.accuracy(bd_c["pred_aux"], triggered.labels),
         "auroc": metrics.auroc(clean_s[clean_ok], bd_s[bd_ok]),
         "tpr_at_fpr": metrics.tpr_at_fpr(clean_s[clean_ok], bd_s[bd_ok], config.defense.target_fpr),
         "threshold": threshold,
@@ -201,19 +240,11 @@ def evaluate(
     in_sample = metrics.calibrate_threshold(clean_s, config.defense.target_fpr)
     out["defended_ca_insample"] = metrics.accuracy(clean_c["pred"], evaluation.labels, clean_s <= in_sample)
     out["defended_asr_insample"] = metrics.accuracy(bd_c["pred"], triggered.labels, bd_s <= in_sample)
-    # AUROC on the paper's noisy augmented set: every image plus a Gaussian-noise copy.
-    sigma = config.eval.noise_sigma
-    noise = metrics.gaussian_noise_copy
-    noisy_clean = np.concatenate([evaluation.images, noise(evaluation.images, sigma, config.seed)])
-    noisy_bd = np.concatenate([triggered.images, noise(triggered.images, sigma, config.seed + 1)])
-    nc, nb = detector.confidences(noisy_clean), detector.confidences(noisy_bd)
-    nc_ok, nb_ok = metrics.detection_population(
-        nc["pred"], np.r_[evaluation.labels, evaluation.labels], nb["pred"], np.r_[triggered.labels, triggered.labels]
-    )
-    out["auroc_noisy"] = metrics.auroc(
-        -eq3_score(nc["conf_expert"], nc["conf_aux"], gamma)[nc_ok],
-        -eq3_score(nb["conf_expert"], nb["conf_aux"], gamma)[nb_ok],
-    )
+    # AUROC on the noisy augmented set: every input plus its Gaussian-noise copy.
+    nc, nb = conf("clean_noisy"), conf("triggered_noisy")
+    nc_ok, nb_ok = metrics.detection_population(nc["pred"], evaluation.labels, nb["pred"], triggered.labels)
+    out["auroc_noisy"] = metrics.auroc(np.r_[clean_s[clean_ok], nc["score"][nc_ok]],
+                                       np.r_[bd_s[bd_ok], nb["score"][nb_ok]])
     arrays = {
         "clean_scores": clean_s[clean_ok], "bd_scores": bd_s[bd_ok],
         "clean_conf": (clean_c["conf_expert"][clean_ok], clean_c["conf_aux"][clean_ok]),
@@ -411,14 +442,26 @@ def _stages(
     }
     expert, auxiliary = (report(ray.get(refs[k])) for k in ("expert", "auxiliary"))
 
-    progress("[5/5] calibrate on held-out clean data and evaluate")
+    progress("[5/5] score the evaluation inputs with M, B and M', calibrate on held-out clean data, evaluate")
+    eval_key = {**split_key, "attack": cfg["attack"], "eval": cfg["eval"]}
+    dirs = {"model": train.path, "expert": expert.path, "auxiliary": auxiliary.path}
+    model_keys = {"model": train.key, "expert": expert.key, "auxiliary": auxiliary.key}
+    refs = {
+        who: orchestrator().remote(
+            str(store.root), reuse, "predict", eval_key, [model_keys[who], poison.key], predict_stage,
+            config, pair_ref, poison.path, dirs[who] / "model.safetensors", config.ray.task_cpus,
+        )
+        for who in dirs
+    }
+    predicted = {who: ray.get(ref) for who, ref in refs.items()}
+    timings["time_predict"] = sum(r.seconds for r in predicted.values())
     evaluation = ray.get(ray.remote(num_cpus=config.ray.task_cpus, max_retries=0,
                                     scheduling_strategy=_outside_trial())(evaluate).remote(
-        config, pair_ref, poison.path, model_path, expert.path / "model.safetensors",
-        auxiliary.path / "model.safetensors",
-        config.ray.task_cpus,
+        config, pair_ref, poison.path, train.path, expert.path, auxiliary.path,
+        {who: r.path for who, r in predicted.items()}, config.ray.task_cpus,
     ))
-    keys = {"poison": poison.key, "train": train.key, "expert": expert.key, "auxiliary": auxiliary.key}
+    keys = {"poison": poison.key, "train": train.key, "expert": expert.key, "auxiliary": auxiliary.key,
+            **{f"predict_{who}": r.key for who, r in predicted.items()}}
     return {**evaluation["metrics"], **timings, "stage_keys": keys}, evaluation, pair
 
 

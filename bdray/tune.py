@@ -114,6 +114,8 @@ class SweepConfig(Strict):
     resources: Resources = Resources()
     scheduler: SchedulerConfig = SchedulerConfig()
     search_seed: int = Field(0, description="seed of the sampled axes: a rerun draws the same trials")
+    reuse_stages: bool = Field(True, description="find stage artifacts instead of recomputing them "
+                               "(off only to measure what reuse saves)")
 
     # Filled by load_sweep: the merged base experiment as a plain dict, and where the file was.
     base_raw: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -234,7 +236,8 @@ def _trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
         tune.report({**done["metrics"], "skipped": 1.0})
         return
     tags = {"bdray.trial": "1", "bdray.trial_key": key, "bdray.sweep": sweep.name}
-    summary = run_experiment(config, parent_run_id=context["parent_run_id"], progress=lambda _: None, tags=tags)
+    summary = run_experiment(config, parent_run_id=context["parent_run_id"], progress=lambda _: None, tags=tags,
+                             reuse=sweep.reuse_stages)
     metrics = _numeric(summary)
     entry = {"params": params, "metrics": metrics, "mlflow_run_id": summary.get("mlflow_run_id"),
              "stage_keys": summary.get("stage_keys")}

@@ -92,6 +92,8 @@ def main() -> None:
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     if args.device == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
+    # The plain loop runs before and after ours and keeps its better run, so a load spike on a shared
+    # machine can only flatter the baseline.
     started = time.perf_counter()
     plain_epochs = plain_loop(spec, images, labels, recipe, args.device, args.amp)
     plain_total = time.perf_counter() - started
@@ -107,6 +109,11 @@ def main() -> None:
         ours_total = time.perf_counter() - started
     ray.shutdown()
     ours_epochs = [h["epoch_seconds"] for h in result.history]
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    again = plain_loop(spec, images, labels, recipe, args.device, args.amp)
+    if time.perf_counter() - started < plain_total:
+        plain_epochs, plain_total = again, time.perf_counter() - started
 
     n = len(data)
     steady = lambda seconds: n / statistics.median(seconds[1:] or seconds)  # noqa: E731

@@ -67,4 +67,5 @@ def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_co
     from bdray.stages import StageStore
 
     executions = StageStore(Path(config.storage).resolve() / "stages").executions()
-    assert sorted(r["stage"] for r in executions) == ["auxiliary", "expert", "poison", "train"]
+    assert sorted(r["stage"] for r in executions) == ["auxiliary", "expert", "poison", "predict", "predict",
+                                                       "predict", "train"]

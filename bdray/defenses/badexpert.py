@@ -87,13 +87,18 @@ class BaDExpert(Detector):
         if self.model_ is None:
             raise RuntimeError("BaDExpert.score needs fit() or set_models() first")
         p_model = predict_proba(self.model_, images)
+        p_expert = predict_proba(self.expert_, images)
+        p_aux = predict_proba(self.auxiliary_, images)
         pred = p_model.argmax(1)
         rows = np.arange(len(pred))
         return {
             "pred": pred,
             "conf_model": p_model[rows, pred],
-            "conf_expert": predict_proba(self.expert_, images)[rows, pred],
-            "conf_aux": predict_proba(self.auxiliary_, images)[rows, pred],
+            "conf_expert": p_expert[rows, pred],
+            "conf_aux": p_aux[rows, pred],
+            # B's and M''s own predictions come free with the same forward passes (CA/ASR of each).
+            "pred_expert": p_expert.argmax(1),
+            "pred_aux": p_aux.argmax(1),
         }
 
     def score(self, images: np.ndarray) -> np.ndarray:
