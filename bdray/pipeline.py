@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -273,8 +274,12 @@ def _file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def ensure_ray(config: ExperimentConfig) -> bool:
-    """Connect to the configured cluster or start a local one; True if this call started it."""
+def ensure_ray(config: ExperimentConfig, *, extra_cpus: float = 0) -> bool:
+    """Connect to the configured cluster or start a local one; True if this call started it.
+
+    ``extra_cpus`` adds logical CPUs to a local Ray for processes that mostly wait (Tune trial
+    drivers), so they do not take a core away from the training workers they wait on.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -287,7 +292,8 @@ def ensure_ray(config: ExperimentConfig) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # Loopback only: a local dashboard (and its job API) must not be reachable from the network.
-        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=config.ray.dashboard,
+        num_cpus = (config.ray.num_cpus or os.cpu_count() or 1) + math.ceil(extra_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=config.ray.dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
     return True
 
@@ -315,12 +321,14 @@ def run_experiment(
             ray.shutdown()
 
 
-def _check_resources(config: ExperimentConfig, cluster_cpus: float) -> None:
+def check_resources(config: ExperimentConfig, cluster_cpus: float, *, reserved: float = 0) -> None:
+    """Refuse, before any work, a stage that could never be scheduled (Ray would wait forever)."""
     for name, scaling in (("ray.train", config.ray.train), ("ray.finetune", config.ray.finetune)):
-        need = max(scaling.num_workers, 1) * scaling.cpus_per_worker
+        need = max(scaling.num_workers, 1) * scaling.cpus_per_worker + reserved
         if need > cluster_cpus:
-            raise ValueError(f"{name} asks for {need:g} CPUs (num_workers x cpus_per_worker) but the Ray "
-                             f"cluster has {cluster_cpus:g}; lower it or add nodes")
+            held = f" plus {reserved:g} held by running sweep trials" if reserved else ""
+            raise ValueError(f"{name} asks for {need - reserved:g} CPUs (num_workers x cpus_per_worker){held} "
+                             f"but the Ray cluster has {cluster_cpus:g}; lower it or add nodes")
 
 
 def _run(
@@ -334,7 +342,7 @@ def _run(
     t0 = time.perf_counter()
     storage = Path(config.storage).resolve()
     store = StageStore(storage / "stages", reuse=reuse)
-    _check_resources(config, float(ray.cluster_resources().get("CPU", 1)))
+    check_resources(config, float(ray.cluster_resources().get("CPU", 1)))
     tracker = None
     if config.tracking.enabled:
         from bdray.tracking import Tracker

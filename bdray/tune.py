@@ -324,9 +324,14 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
     progress(f"sweep {sweep.name}: {sweep.num_trials} trials, {sweep.max_concurrent_trials} at a time; "
              f"MLflow parent run {parent_run_id}")
 
-    started_here = ensure_ray(base)
+    trial_cpus = sweep.max_concurrent_trials * sweep.resources.cpu
+    started_here = ensure_ray(base, extra_cpus=trial_cpus)
     status = "FAILED"
     try:
+        from bdray.pipeline import check_resources
+
+        # Every running trial holds its own CPUs while its stages wait for theirs.
+        check_resources(base, float(ray.cluster_resources().get("CPU", 1)), reserved=trial_cpus)
         scheduler = None
         if sweep.scheduler.name == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -349,7 +354,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
             ),
             run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=str(sweep_dir / "tune"), verbose=0,
-                                      callbacks=[_Progress(progress, sweep.num_trials)]),
+                                      callbacks=[_progress_callback(progress, sweep.num_trials)]),
         )
         grid = tuner.fit()
         trials = []
@@ -375,29 +380,27 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
             ray.shutdown()
 
 
-class _Progress:
+def _progress_callback(progress: ProgressFn, total: int) -> Any:
     """A Tune callback printing one line per finished trial (Tune's own table is switched off)."""
+    from ray.tune import Callback  # imported here: ray is heavy and `bdray validate` never needs it
 
-    def __new__(cls, progress: ProgressFn, total: int):
-        from ray.tune import Callback
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.done = 0
 
-        class Progress(Callback):
-            def __init__(self) -> None:
-                self.done = 0
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            how = "reused from the ledger" if result.get("skipped") else "done"
+            shown = {k: round(v, 4) for k, v in result.items() if k in ("auroc", "defended_asr", "model_asr")}
+            params = ", ".join(f"{_short(k)}={_show(v)}" for k, v in trial.config.items())
+            progress(f"  [{self.done}/{total}] {params}: {how} {shown}")
 
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self.done += 1
-                result = trial.last_result or {}
-                how = "reused from the ledger" if result.get("skipped") else "done"
-                shown = {k: round(v, 4) for k, v in result.items() if k in ("auroc", "defended_asr", "model_asr")}
-                params = ", ".join(f"{_short(k)}={_show(v)}" for k, v in trial.config.items())
-                progress(f"  [{self.done}/{total}] {params}: {how} {shown}")
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            progress(f"  [{self.done}/{total}] {trial.config}: FAILED")
 
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self.done += 1
-                progress(f"  [{self.done}/{total}] {trial.config}: FAILED")
-
-        return Progress()
+    return Progress()
 
 
 def experiment_config(sweep: SweepConfig, params: Mapping[str, Any]) -> ExperimentConfig:

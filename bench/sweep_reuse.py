@@ -45,7 +45,9 @@ def main() -> None:
     walls, counts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         # One Ray for both arms: its start-up is not what is measured.
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # +1 logical CPU for the waiting trial driver, as `bdray sweep` gives a local Ray.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
         for arm, reuse in (("with_reuse", True), ("without_reuse", False)):
             storage = Path(tmp) / arm
             sweep_file = Path(tmp) / f"{arm}.yaml"

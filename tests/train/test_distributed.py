@@ -116,3 +116,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny, tmp_path:
     got = load_file(str(result.model_path))
     for key, value in want.items():
         np.testing.assert_allclose(got[key].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_streams_a_ray_dataset_through_get_dataset_shard(ray_session, tiny, tmp_path: Path) -> None:
+    # Data that does not fit in memory arrives as a Ray Dataset ('image' uint8 C,H,W, 'label').
+    import ray.data
+
+    ds = ray.data.from_items([{"image": img, "label": int(y)} for img, y in zip(tiny.images, tiny.labels, strict=True)])
+    recipe = TrainRecipe(epochs=3, batch_size=32, lr=0.05)
+    result = train_model(spec(width=4), ds, recipe, seed=0, scaling=Scaling(num_workers=0),
+                         storage_path=tmp_path / "ray", name="stream", out=tmp_path / "out", num_classes=4)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    seen = [h["samples_per_s"] * h["epoch_seconds"] for h in result.history]
+    assert seen == pytest.approx([len(tiny)] * 3)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
