@@ -150,3 +150,14 @@ def test_sweep_nests_trials_reuses_stages_and_resumes(ray_session, tmp_path: Pat
     assert report["trials"] == len(etas) and len(report["rows"]) == len(etas)
     assert (tmp_path / "report" / "report.md").read_text().count("\n| ") >= 3
     assert (tmp_path / "report" / "auroc_vs_defense_eta.png").stat().st_size > 0
+
+
+def test_a_stage_that_can_never_be_scheduled_is_refused(smoke_config) -> None:
+    from bdray.config import validate_config
+    from bdray.pipeline import check_resources
+
+    smoke_config["ray"] = {"train": {"num_workers": 1, "cpus_per_worker": 2}}
+    config = validate_config(smoke_config)
+    check_resources(config, 2.0)  # fits alone
+    with pytest.raises(ValueError, match=r"ray\.train asks for 2 CPUs .* plus 0\.01 held by running sweep trials"):
+        check_resources(config, 2.0, reserved=0.01)
