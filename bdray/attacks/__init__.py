@@ -1,8 +1,24 @@
-from bdray.attacks import patch  # noqa: F401  (registers the attacks)
+# Importing each family registers its attacks.
+from bdray.attacks import (  # noqa: F401
+    adaptive,
+    bpp,
+    cl,
+    dynamic,
+    issba,
+    low_opacity,
+    patch,
+    physical,
+    posttrain,
+    sig,
+    tact,
+    trojan,
+    wanet,
+)
 from bdray.attacks.base import (
     ATTACKS,
     Attack,
     AttackConfig,
+    CleanLabelConfig,
     PoisonedSet,
     PoisonPlan,
     apply_plan,
@@ -19,6 +35,7 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "AttackConfig",
+    "CleanLabelConfig",
     "PoisonPlan",
     "PoisonedSet",
     "apply_plan",

@@ -31,6 +31,12 @@ class AttackConfig(BaseModel):
     seed: int = Field(0, description="seed of the trigger pattern itself (noise, masks)")
 
 
+class CleanLabelConfig(AttackConfig):
+    """Clean-label attacks poison target-class samples and keep their labels: all-to-one only."""
+
+    mode: Literal["all_to_one"] = "all_to_one"
+
+
 class Attack:
     name: ClassVar[str] = ""
     Config: ClassVar[type[AttackConfig]] = AttackConfig
@@ -45,6 +51,12 @@ class Attack:
     # -- the pieces ---------------------------------------------------------------------------
     #: True when the attack has a trained part (generator, encoder, surrogate) that ``fit`` builds.
     needs_fit: ClassVar[bool] = False
+    #: True for clean-label attacks: poisons come from the target class and keep their label, while
+    #: ``target_labels`` still maps every other class to the target (the test-time ASR set needs that).
+    clean_label: ClassVar[bool] = False
+    #: True for attacks that change a trained model (``bdray.attacks.posttrain.implant``) rather than
+    #: only hand over poisoned data.
+    post_training: ClassVar[bool] = False
 
     def fit(self, clean: ImageSet, *, seed: int) -> Attack:
         """Train the attack's own parts on data the attacker holds; a no-op for static triggers."""
@@ -55,6 +67,10 @@ class Attack:
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Attack:
+        return self
+
+    def prepare(self, model: Any, clean: ImageSet, *, seed: int) -> Attack:
+        """Post-training attacks only: derive the trigger from the model to be backdoored (a no-op here)."""
         return self
 
     def trigger(
@@ -80,6 +96,8 @@ class Attack:
 
     def eligible(self, labels: np.ndarray) -> np.ndarray:
         """Which samples may be poisoned (dirty-label all-to-one skips the target class)."""
+        if self.clean_label:
+            return labels == self.config.target
         if self.config.mode == "all_to_one":
             return labels != self.config.target
         return np.ones_like(labels, dtype=bool)
@@ -89,7 +107,8 @@ class Attack:
         poison = self.select(labels, seed)
         cover = self.select_cover(labels, seed, poison)
         new_labels = labels.copy()
-        new_labels[poison] = self.target_labels(torch.from_numpy(labels[poison])).numpy()
+        if not self.clean_label:
+            new_labels[poison] = self.target_labels(torch.from_numpy(labels[poison])).numpy()
         return PoisonPlan(poison.astype(np.int64), cover.astype(np.int64), new_labels.astype(np.int64))
 
     def select_cover(self, labels: np.ndarray, seed: int, poison: np.ndarray) -> np.ndarray:
@@ -194,7 +213,10 @@ class PoisonedSet:
 
 
 def poison_dataset(data: ImageSet, attack: Attack, seed: int, *, batch_size: int = 4096) -> PoisonedSet:
-    """Apply ``attack`` to the samples it plans with ``seed``; same inputs, same bytes out."""
+    """Apply ``attack`` to the samples it plans with ``seed``; same inputs, same bytes out.
+
+    An attack with ``needs_fit`` must have been fitted (or loaded) first.
+    """
     return apply_plan(data, attack, attack.plan(data.labels, seed), batch_size=batch_size)
 
 
@@ -217,7 +239,8 @@ def apply_poison(data: ImageSet, attack: Attack, index: np.ndarray, *, batch_siz
     """Poison exactly the samples at ``index`` (no cover samples)."""
     index = np.asarray(index, dtype=np.int64)
     labels = data.labels.copy()
-    labels[index] = attack.target_labels(torch.from_numpy(labels[index])).numpy()
+    if not attack.clean_label:
+        labels[index] = attack.target_labels(torch.from_numpy(labels[index])).numpy()
     plan = PoisonPlan(index, np.zeros(0, dtype=np.int64), labels)
     return apply_plan(data, attack, plan, batch_size=batch_size)
 

@@ -1,13 +1,16 @@
 """Contract tests every registered attack must pass, plus BadNet/Blend specifics.
 
 The contract tests are parametrized over ``list_attacks()``, so a newly registered attack is
-checked automatically with its default config.
+checked automatically with its default config. Attacks with a trained part (``needs_fit``) are
+fitted once per config on a tiny generated set first; per-sample randomness is checked through
+explicit dataset indices.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -28,10 +31,28 @@ from bdray.data import get_dataset
 NUM_CLASSES = 10
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+SOURCE_SPECIFIC = {"tact"}  # the ASR set is the source classes only
+
+
+_FITTED: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def make(name: str, shape: tuple[int, int, int], **overrides) -> Attack:
-    return build_attack({"name": name, **overrides}, image_shape=shape, num_classes=NUM_CLASSES)
+    """The attack with its default config plus ``overrides``; fitted (once per config) when it needs it."""
+    attack = build_attack({"name": name, **overrides}, image_shape=shape, num_classes=NUM_CLASSES)
+    if attack.needs_fit:
+        key = (name, shape, repr(sorted(overrides.items())))
+        if key not in _FITTED:
+            c, h, _ = shape
+            tiny = get_dataset("synthetic", channels=c, image_size=h, train_size=64, test_size=10).train
+            _FITTED[key] = attack.fit(tiny, seed=0).state_dict()
+        else:
+            attack.load_state_dict(_FITTED[key])
+    return attack
+
+
+def supports_all_to_all(name: str) -> bool:
+    return "all_to_all" in get_args(attack_class(name).Config.model_fields["mode"].annotation)
 
 
 def images_u8(shape: tuple[int, int, int], n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -40,6 +61,15 @@ def images_u8(shape: tuple[int, int, int], n: int = 6, seed: int = 0) -> torch.T
 
 def images_f32(shape: tuple[int, int, int], n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).uniform(0, 1, (n, *shape)).astype(np.float32))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: more threads only add contention (10x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +155,14 @@ def test_pickle_round_trip(name: str, shape) -> None:
 @all_shapes
 def test_batched_equals_one_by_one(name: str, shape) -> None:
     attack = make(name, shape)
+    index = torch.tensor([7, 3, 11, 0, 42])
     for x in (images_u8(shape, n=5), images_f32(shape, n=5)):
-        batched = attack.apply(x)
-        single = torch.cat([attack.apply(x[i : i + 1]) for i in range(len(x))])
-        assert torch.equal(batched, single)
+        for kwargs in ({}, {"test": True}, {"cover": True}):
+            batched = attack.apply(x, index=index, **kwargs)
+            single = torch.cat([attack.apply(x[i : i + 1], index=index[i : i + 1], **kwargs) for i in range(len(x))])
+            assert torch.equal(batched, single), kwargs
+        # without an index, per-sample draws are shared, so batching still changes nothing
+        assert torch.equal(attack.apply(x), torch.cat([attack.apply(x[i : i + 1]) for i in range(len(x))]))
 
 
 @all_attacks
@@ -142,7 +176,8 @@ def test_same_config_same_trigger(name: str, shape) -> None:
 @all_shapes
 def test_poison_dataset_reproducible(name: str, shape, synthetic_sets) -> None:
     data = synthetic_sets[shape]
-    attack = make(name, shape, poison_rate=0.1)
+    # 10 of 200: clean-label and source-specific attacks draw from one class of 20 samples
+    attack = make(name, shape, poison_rate=0.05)
     images_before, labels_before = data.images.copy(), data.labels.copy()
 
     a = poison_dataset(data, attack, seed=3)
@@ -159,20 +194,32 @@ def test_poison_dataset_reproducible(name: str, shape, synthetic_sets) -> None:
     assert not np.array_equal(a.poison_index, c.poison_index)
 
     n = len(data)
-    assert len(a.poison_index) == round(0.1 * n) == 20
+    assert len(a.poison_index) == round(0.05 * n) == 10
     assert np.all(np.diff(a.poison_index) > 0)  # sorted, unique
+    assert np.all(np.diff(a.cover_index) > 0)
     assert a.is_poison.sum() == len(a.poison_index)
+    assert not (a.is_poison & a.is_cover).any()
+    assert a.cover_index.tobytes() == b.cover_index.tobytes()
     assert np.array_equal(a.true_labels, data.labels)
-    # all_to_one: never poison the target class, and every poisoned label becomes the target
-    assert np.all(data.labels[a.poison_index] != attack.config.target)
-    assert np.all(a.data.labels[a.poison_index] == attack.config.target)
-    # untouched samples stay byte-identical
-    clean = ~a.is_poison
+    assert np.all(attack.eligible(data.labels)[a.poison_index])
+    target = attack.config.target
+    if attack.clean_label:
+        # clean label: poisons come from the target class and keep their label
+        assert np.all(data.labels[a.poison_index] == target)
+        assert np.array_equal(a.data.labels, data.labels)
+    else:
+        # all_to_one: never poison the target class, and every poisoned label becomes the target
+        assert np.all(data.labels[a.poison_index] != target)
+        assert np.all(a.data.labels[a.poison_index] == target)
+    # cover samples keep their labels; untouched samples stay byte-identical
+    assert np.array_equal(a.data.labels[a.cover_index], data.labels[a.cover_index])
+    clean = ~a.is_poison & ~a.is_cover
     assert np.array_equal(a.data.images[clean], data.images[clean])
     assert np.array_equal(a.data.labels[clean], data.labels[clean])
-    # poisoned samples equal the attack applied to them
-    expected = attack.apply(torch.from_numpy(data.images[a.poison_index])).numpy()
-    assert np.array_equal(a.data.images[a.poison_index], expected)
+    # poisoned and cover samples equal the attack applied to them at their dataset positions
+    for index, cover in ((a.poison_index, False), (a.cover_index, True)):
+        expected = attack.apply(torch.from_numpy(data.images[index]), index=torch.from_numpy(index), cover=cover)
+        assert np.array_equal(a.data.images[index], expected.numpy())
 
 
 @all_attacks
@@ -180,13 +227,24 @@ def test_poison_dataset_reproducible(name: str, shape, synthetic_sets) -> None:
 def test_poison_count_is_rounded_rate(name: str, rate: float, synthetic_sets) -> None:
     data = synthetic_sets[(1, 28, 28)]
     attack = make(name, (1, 28, 28), poison_rate=rate, target=2)
+    eligible = attack.eligible(data.labels)
+    if round(rate * len(data)) > eligible.sum():  # e.g. a clean-label attack asking for more than one class
+        with pytest.raises(ValueError, match="eligible"):
+            poison_dataset(data, attack, seed=0)
+        return
     poisoned = poison_dataset(data, attack, seed=0)
     assert len(poisoned.poison_index) == round(rate * len(data))
-    assert np.all(data.labels[poisoned.poison_index] != 2)
+    assert np.all(eligible[poisoned.poison_index])
+    assert np.all((data.labels[poisoned.poison_index] == 2) == attack.clean_label)
 
 
 @all_attacks
 def test_all_to_all_label_map(name: str, synthetic_sets) -> None:
+    if not supports_all_to_all(name):
+        # clean-label and source-specific attacks are all-to-one by construction: say so up front
+        with pytest.raises(ValueError, match="all_to_one"):
+            make(name, (1, 28, 28), mode="all_to_all")
+        return
     attack = make(name, (1, 28, 28), mode="all_to_all")
     labels = torch.arange(NUM_CLASSES)
     # BaDExpert's all-to-all: i -> (i - 1) mod C, so 0 -> 9, 1 -> 0, ..., 9 -> 8
@@ -207,6 +265,8 @@ def test_target_out_of_range_raises(name: str) -> None:
 @all_attacks
 @pytest.mark.parametrize("mode", ["all_to_one", "all_to_all"])
 def test_triggered_testset(name: str, mode: str, synthetic_sets) -> None:
+    if mode == "all_to_all" and not supports_all_to_all(name):
+        pytest.skip(f"{name} is all-to-one only (checked in test_all_to_all_label_map)")
     data = synthetic_sets[(1, 28, 28)]
     attack = make(name, (1, 28, 28), mode=mode, target=3)
     triggered, index = triggered_testset(data, attack, batch_size=17)
@@ -214,14 +274,17 @@ def test_triggered_testset(name: str, mode: str, synthetic_sets) -> None:
     # only the samples whose label the attack changes
     assert np.array_equal(index, np.flatnonzero(expected_targets != data.labels))
     if mode == "all_to_one":
-        assert np.array_equal(index, np.flatnonzero(data.labels != 3))
+        if name in SOURCE_SPECIFIC:  # only the source classes' triggered images count
+            assert set(index) < set(np.flatnonzero(data.labels != 3))
+        else:
+            assert np.array_equal(index, np.flatnonzero(data.labels != 3))
         assert np.all(triggered.labels == 3)
     else:
         assert len(index) == len(data)  # (i - 1) mod C always differs from i
     assert len(triggered) == len(index)
     assert np.all(triggered.labels != data.labels[index])
     assert np.array_equal(triggered.labels, expected_targets[index])
-    test_images = attack.apply(torch.from_numpy(data.images[index]), test=True).numpy()
+    test_images = attack.apply(torch.from_numpy(data.images[index]), test=True, index=torch.from_numpy(index)).numpy()
     assert np.array_equal(triggered.images, test_images)
 
 
