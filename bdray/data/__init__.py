@@ -6,6 +6,15 @@ from bdray.data.datasets import (
     list_datasets,
     register_dataset,
 )
+from bdray.data.shards import (
+    Manifest,
+    ShardError,
+    open_shards,
+    read_imageset,
+    write_poisoned,
+    write_source,
+)
+from bdray.data.stream import to_ray_dataset
 
 __all__ = [
     "DATASETS",
@@ -13,9 +22,16 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetPair",
     "ImageSet",
+    "Manifest",
+    "ShardError",
     "get_dataset",
     "list_datasets",
+    "open_shards",
+    "read_imageset",
     "register_dataset",
     "split_clean",
+    "to_ray_dataset",
+    "write_poisoned",
+    "write_source",
 ]
 import bdray.data.vision  # noqa: F401  (registers loaders)
