@@ -1,0 +1,650 @@
+"""AdvrBD: train a clean model on a poisoned training set with no clean data at all.
+
+The stages, each a plain function so the Ray versions (:mod:`bdray.defenses.advrbd_ray`) run the
+very same code:
+
+1. **partition** (Algorithm 1): a model trained for a few epochs on the untrusted set scores every
+   sample by how far an adversarial perturbation inside a random patch mask moves its prediction
+   (KL divergence, PGD with random start, batched). The ``partition_rate`` most sensitive samples are
+   the assumed-clean seed set: poisoned samples are robust to such perturbations, clean ones are not.
+2. **enhancement** (Algorithm 2): rounds of unlearning the assumed-clean set while learning the rest,
+   growing the assumed-clean set each round. The model keeps the backdoor and loses the main task.
+3. **identification**: what the enhanced model misclassifies is clean, the rest is poisoned.
+4. **clean training** from scratch on the identified clean samples, then **relabel and relearn**:
+   the suspected poisons get the clean model's labels and the clean model is finetuned on everything.
+
+``advrbd`` follows the paper; ``advrbd+`` adds the fixes measured in docs/advrbd.md. Every choice
+the paper leaves open is a field of :class:`AdvrBDConfig` (reasons in docs/advrbd.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from bdray.data.base import ImageSet
+from bdray.registry import Registry
+from bdray.train.loop import epoch_order, fit, predict_proba, to_float
+from bdray.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+class PoisonedTrainingConfig(BaseModel):
+    """Settings every poisoned-training defense shares (it sees only the untrusted training set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+
+
+class PartitionConfig(BaseModel):
+    """Algorithm 1: adversarial sensitivity under a random patch mask."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(0.1, gt=0, lt=1, description="fraction of the most sensitive samples taken as the seed set")
+    eps: float = Field(0.3, gt=0, le=1, description="L-inf bound of the perturbation, in [0, 1] pixel units")
+    radius: int = Field(4, ge=0, description="mask = pixels within this Chebyshev distance of a random centre")
+    steps: int = Field(5, ge=0, description="PGD steps after the random start (0 = random start only)")
+    step_size: float | None = Field(None, gt=0, description="PGD step; default 2.5 * eps / steps (Madry et al.)")
+    batch_size: int = Field(512, ge=1, description="samples perturbed together")
+    class_balanced: bool = Field(False, description="take the top rate within each class instead of overall")
+    masks: int = Field(1, ge=1, description="independent random masks per sample (the paper: 1)")
+    aggregate: Literal["median", "min", "mean"] = Field(
+        "median", description="how the KLs of several masks make one score; a mask that happens to cover the "
+        "trigger makes a poisoned sample look sensitive, and the median ignores it")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+
+
+class EnhanceConfig(BaseModel):
+    """Algorithm 2: unlearn the assumed-clean set, learn the rest, grow the assumed-clean set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(5, ge=1)
+    epochs_per_round: float = Field(1.0, gt=0, description="steps per round = this x ceil(N / batch_size)")
+    growth: float = Field(0.05, ge=0, lt=1, description="fraction of N added to the assumed-clean set per round")
+    grow_by: Literal["partition", "rescore", "loss"] = Field(
+        "partition", description="which samples join: highest partition KL, KL rescored with the current "
+        "model, or highest loss under the current model")
+    clean_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch drawn from the assumed-clean set")
+    unlearn: Literal["ascent", "shifted_label", "complement"] = Field(
+        "ascent", description="clamped gradient ascent, CE on (y+1) mod C, or -log(1 - p_y)")
+    ascent_clamp: float = Field(5.0, gt=0, description="ascent stops pushing a sample once its CE exceeds this")
+    unlearn_weight: float = Field(1.0, gt=0)
+    init: Literal["poisoned", "scratch"] = Field("poisoned", description="start from the partition model or afresh")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class IdentifyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    last_rounds: int = Field(1, ge=1, description="clean = misclassified by the models of all of the last k rounds")
+
+
+class PremiseConfig(BaseModel):
+    """Does the seed set look like clean data? All-to-one poisons share one label, so a seed set that
+    over-represents one class is suspicious (the findings' WaNet case)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check: bool = True
+    max_class_ratio: float = Field(1.8, gt=1, description="flag when a class's share in the seed set exceeds its "
+                                   "share in the data by this factor")
+    on_violation: Literal["warn", "balance"] = Field(
+        "warn", description="'balance' caps every class at its share of the data in the seed set")
+
+
+class AdvrBDConfig(PoisonedTrainingConfig):
+    """The paper's AdvrBD with every open choice as a field (defaults: the faithful reading)."""
+
+    name: Literal["advrbd"] = "advrbd"
+    train: TrainRecipe = Field(TrainRecipe(epochs=5), description="the partition model: a few epochs on the "
+                               "untrusted set")
+    partition: PartitionConfig = PartitionConfig()
+    enhance: EnhanceConfig = EnhanceConfig()
+    identify: IdentifyConfig = IdentifyConfig()
+    premise: PremiseConfig = PremiseConfig(check=False)
+    clean_train: TrainRecipe = Field(TrainRecipe(epochs=5), description="fresh model on the identified clean set")
+    relearn: TrainRecipe = Field(TrainRecipe(epochs=2, lr=0.01), description="finetune on clean + relabeled")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdvrBDConfig:
+        final = self.partition.rate + (self.enhance.rounds - 1) * self.enhance.growth
+        if final >= 1:
+            raise ValueError(f"partition.rate + (rounds - 1) * growth = {final:.3f} leaves nothing to learn; "
+                             "lower enhance.growth or enhance.rounds")
+        if self.identify.last_rounds > self.enhance.rounds:
+            raise ValueError(f"identify.last_rounds ({self.identify.last_rounds}) exceeds enhance.rounds "
+                             f"({self.enhance.rounds})")
+        return self
+
+
+class AdvrBDPlusConfig(AdvrBDConfig):
+    """Ours: the same algorithm with the defaults that fixed the measured failures (docs/advrbd.md)."""
+
+    name: Literal["advrbd+"] = "advrbd+"  # type: ignore[assignment]
+    enhance: EnhanceConfig = EnhanceConfig(clean_fraction=0.7, grow_by="loss")
+    identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
+    premise: PremiseConfig = PremiseConfig(check=True)
+
+
+# -- Algorithm 1: partition by adversarial sensitivity --------------------------------------------
+
+
+def _sample_rng(seed: int, index: int, draw: int = 0) -> np.random.Generator:
+    # One stream per (seed, sample, draw): a sample's mask and start do not depend on the batch it is in.
+    key = [int(seed), int(index)] + ([int(draw)] if draw else [])
+    return np.random.default_rng(key)
+
+
+def draw_masks_and_starts(
+    index: np.ndarray, shape: tuple[int, int, int], radius: int, seed: int, draw: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample patch masks (B, 1, H, W) and uniform random starts in [-1, 1] (B, C, H, W)."""
+    c, h, w = shape
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    masks = np.empty((len(index), 1, h, w), np.float32)
+    starts = np.empty((len(index), c, h, w), np.float32)
+    for k, i in enumerate(index):
+        rng = _sample_rng(seed, i, draw)
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        masks[k, 0] = (np.abs(rows - cy) <= radius) & (np.abs(cols - cx) <= radius)
+        starts[k] = rng.uniform(-1.0, 1.0, (c, h, w))
+    return torch.from_numpy(masks), torch.from_numpy(starts)
+
+
+def pgd_kl(
+    model: nn.Module, x: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, *, eps: float, alpha: float, steps: int,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Largest KL(p(x) || p(x + delta)) seen along PGD inside ``mask`` with ||delta||_inf <= eps.
+
+    x (B, C, H, W) in [0, 1]; the model must be in eval mode, so samples do not interact and a batch
+    gives each sample the gradient it would get alone.
+    """
+    device_type = x.device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        logp = F.log_softmax(model(x).float(), dim=1)
+    p = logp.exp()
+
+    def project(d: torch.Tensor) -> torch.Tensor:
+        d = d.clamp(-eps, eps) * mask
+        return (x + d).clamp(0, 1) - x  # stay a valid image
+
+    # A random start is needed: at delta = 0 the KL is at its minimum and its gradient is zero.
+    delta = project(start * eps)
+    best = torch.zeros(len(x), device=x.device)
+    for step in range(steps + 1):
+        last = step == steps
+        delta.requires_grad_(not last)
+        with torch.set_grad_enabled(not last), torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            logq = F.log_softmax(model(x + delta).float(), dim=1)
+            kl = (p * (logp - logq)).sum(1)  # (B,)
+        best = torch.maximum(best, kl.detach())
+        if last:
+            break
+        (grad,) = torch.autograd.grad(kl.sum(), delta)  # sum: each sample's gradient is its own
+        delta = project(delta.detach() + alpha * grad.sign())
+    return best
+
+
+def partition_scores(
+    model: nn.Module,
+    images: np.ndarray,
+    config: PartitionConfig,
+    *,
+    seed: int,
+    index: np.ndarray | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """KL sensitivity of every sample (higher = more sensitive = more likely clean), batched.
+
+    ``index`` gives the samples' positions in the whole training set (their masks and random starts
+    derive from it), so scoring a shard gives the same numbers as scoring everything.
+    """
+    device = torch.device(device)
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    batch_size = batch_size or config.batch_size
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients flow to delta only
+    out = np.empty((config.masks, len(images)), np.float32)
+    try:
+        for s in range(0, len(images), batch_size):
+            chunk = slice(s, s + batch_size)
+            x = to_float(torch.from_numpy(np.ascontiguousarray(images[chunk]))).to(device)
+            for draw in range(config.masks):
+                masks, starts = draw_masks_and_starts(index[chunk], images.shape[1:], config.radius, seed, draw)
+                out[draw, chunk] = pgd_kl(model, x, masks.to(device), starts.to(device), eps=config.eps,
+                                          alpha=config.alpha, steps=config.steps,
+                                          amp=device.type == "cuda").cpu().numpy()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if config.masks == 1:
+        return out[0]
+    return {"median": np.median, "min": np.min, "mean": np.mean}[config.aggregate](out, axis=0).astype(np.float32)
+
+
+def partition_scores_loop(
+    model: nn.Module, images: np.ndarray, config: PartitionConfig, *, seed: int, index: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """The paper's Algorithm 1 as written: one sample at a time (the baseline of bench/partition.py)."""
+    return partition_scores(model, images, config, seed=seed, index=index, batch_size=1, device=device)
+
+
+def top_fraction(scores: np.ndarray, rate: float, *, among: np.ndarray | None = None) -> np.ndarray:
+    """Mask of the ``rate * len(scores)`` highest scores (restricted to ``among``); ties by index."""
+    n = round(rate * len(scores))
+    candidates = np.flatnonzero(among) if among is not None else np.arange(len(scores))
+    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    mask = np.zeros(len(scores), bool)
+    mask[order[:n]] = True
+    return mask
+
+
+def premise_check(labels: np.ndarray, seed_mask: np.ndarray, num_classes: int) -> dict[str, float]:
+    """How far the seed set's label mix is from the data's: a proxy for 'poisons crept in'.
+
+    Returns the largest ratio (share in seed) / (share in data) and the class it belongs to.
+    """
+    data_share = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+    seed_share = np.bincount(labels[seed_mask], minlength=num_classes) / max(int(seed_mask.sum()), 1)
+    ratio = np.where(data_share > 0, seed_share / np.maximum(data_share, 1e-12), 0.0)
+    worst = int(ratio.argmax())
+    return {"premise_class_ratio": float(ratio[worst]), "premise_class": float(worst)}
+
+
+def balanced_top_fraction(scores: np.ndarray, labels: np.ndarray, rate: float, num_classes: int) -> np.ndarray:
+    """Seed set with each class at most at its share of the data (the 'balance' premise remedy)."""
+    mask = np.zeros(len(scores), bool)
+    for c in range(num_classes):
+        members = labels == c
+        quota = round(rate * int(members.sum()))
+        candidates = np.flatnonzero(members)
+        order = candidates[np.lexsort((candidates, -scores[candidates]))]
+        mask[order[:quota]] = True
+    return mask
+
+
+# -- Algorithm 2: backdoor enhancement ------------------------------------------------------------
+
+
+def unlearn_loss(logits: torch.Tensor, labels: torch.Tensor, config: EnhanceConfig) -> torch.Tensor:
+    """Per-sample loss whose minimization makes the model forget ``labels`` on these inputs."""
+    if config.unlearn == "ascent":
+        # Clamped: once a sample is forgotten (CE above the clamp) it stops pulling the weights.
+        return -F.cross_entropy(logits, labels, reduction="none").clamp(max=config.ascent_clamp)
+    if config.unlearn == "shifted_label":
+        return F.cross_entropy(logits, (labels + 1) % logits.shape[1], reduction="none")
+    # complement: -log(1 - p_y), bounded below by 0 and zero once p_y is small
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return -(torch.logsumexp(others, 1) - torch.logsumexp(logits, 1))
+
+
+def round_batches(
+    clean_mask: np.ndarray, batch_size: int, clean_fraction: float, steps: int, *, seed: int, round_: int,
+    rank: int = 0, world_size: int = 1,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Indices of (assumed-clean, rest) for each step of one round: this worker's share of each batch.
+
+    Both parts cycle through their own seeded permutation, the same on every worker, so DDP workers
+    take disjoint halves of one global batch.
+    """
+    clean_idx = torch.from_numpy(np.flatnonzero(clean_mask))
+    rest_idx = torch.from_numpy(np.flatnonzero(~clean_mask))
+    n_clean = min(max(1, round(clean_fraction * batch_size)), batch_size - 1)
+    n_rest = batch_size - n_clean
+
+    def cycled(pool: torch.Tensor, per_step: int, salt: int) -> torch.Tensor:
+        need = per_step * steps
+        reps = -(-need // max(len(pool), 1))
+        orders = [pool[epoch_order(len(pool), seed=seed * 7 + salt, epoch=round_ * 1000 + r)] for r in range(reps)]
+        return torch.cat(orders)[:need].view(steps, per_step)
+
+    clean_steps, rest_steps = cycled(clean_idx, n_clean, 1), cycled(rest_idx, n_rest, 2)
+    return [(clean_steps[s, rank::world_size], rest_steps[s, rank::world_size]) for s in range(steps)]
+
+
+def enhance_round(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_mask: np.ndarray, config: EnhanceConfig, *,
+    seed: int, round_: int, device: torch.device, rank: int = 0, world_size: int = 1,
+) -> dict[str, float]:
+    """One round of Algorithm 2: unlearn the assumed-clean samples while learning the rest."""
+    steps = max(1, round(config.epochs_per_round * -(-len(labels) // config.batch_size)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    model.train()
+    totals = {"learn_loss": 0.0, "unlearn_loss": 0.0, "steps": 0.0}
+    for clean_i, rest_i in round_batches(clean_mask, config.batch_size, config.clean_fraction, steps, seed=seed,
+                                         round_=round_, rank=rank, world_size=world_size):
+        idx = torch.cat([clean_i, rest_i])
+        x, y = to_float(images[idx]).to(device), labels[idx].to(device)
+        logits = model(x).float()  # one forward: BatchNorm sees the mixed batch, as the data mix intends
+        nc = len(clean_i)
+        forget = unlearn_loss(logits[:nc], y[:nc], config)
+        learn = F.cross_entropy(logits[nc:], y[nc:], reduction="none")
+        loss = (config.unlearn_weight * forget.sum() + learn.sum()) / len(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["learn_loss"] += float(learn.detach().mean())
+        totals["unlearn_loss"] += float(forget.detach().mean())
+        totals["steps"] += 1
+    steps_done = max(totals.pop("steps"), 1.0)
+    return {k: v / steps_done for k, v in totals.items()}
+
+
+def grow_clean_set(
+    clean_mask: np.ndarray, config: EnhanceConfig, *, n_add: int, partition: np.ndarray, probs: np.ndarray,
+    labels: np.ndarray, rescore: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The next round's assumed-clean set: the current one plus ``n_add`` of the rest."""
+    rest = ~clean_mask
+    if n_add <= 0 or not rest.any():
+        return clean_mask.copy()
+    if config.grow_by == "partition":
+        score = partition
+    elif config.grow_by == "loss":
+        # A sample the enhanced model no longer fits behaves like the clean samples it unlearns.
+        score = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+    else:
+        if rescore is None:
+            raise ValueError("grow_by 'rescore' needs a rescoring function")
+        score = np.full(len(labels), -np.inf, np.float32)
+        score[rest] = rescore(np.flatnonzero(rest))
+    return clean_mask | top_fraction(score, n_add / len(labels), among=rest)
+
+
+@dataclass
+class RoundRecord:
+    """What rank 0 keeps of a round: the decision and the model's fit of every sample."""
+
+    round: int
+    clean_mask: np.ndarray  # the set unlearned during this round
+    fit: np.ndarray  # predicted == given label, after this round
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+RoundProbe = Callable[[int, nn.Module, np.ndarray, np.ndarray], Mapping[str, float]]
+RoundHook = Callable[[int, "RoundRecord | None", np.ndarray], None]
+Share = Callable[[Any], Any]
+
+
+def run_enhancement(
+    model: nn.Module, data: ImageSet, seed_mask: np.ndarray, partition: np.ndarray, config: EnhanceConfig, *,
+    seed: int, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+    share: Share = lambda obj: obj, module: nn.Module | None = None,
+    rescore: Callable[[nn.Module, np.ndarray], np.ndarray] | None = None,
+    probe: RoundProbe | None = None, on_round: RoundHook | None = None,
+    start: tuple[int, np.ndarray] | None = None,
+) -> list[RoundRecord]:
+    """Algorithm 2, written once for one process and for DDP workers alike.
+
+    ``model`` may be DDP-wrapped (``module`` is then the bare network). Rank 0 alone decides each
+    round's assumed-clean set and hands it to every worker through ``share`` (a broadcast), so the
+    workers never disagree on what they unlearn. ``probe`` (rank 0) measures a round for logging;
+    it may read ground truth but nothing it returns feeds a decision. ``on_round(round, record,
+    next_mask)`` runs on every rank after the decision (record is None off rank 0): the place for
+    checkpoints. ``start`` = (round, clean mask) resumes after a checkpoint. Returns rank 0's records.
+    """
+    device = torch.device(device)
+    module = module if module is not None else model
+    images = torch.from_numpy(data.images)
+    labels_np = data.labels
+    labels = torch.from_numpy(labels_np)
+    first, clean_mask = (0, seed_mask.copy()) if start is None else (start[0], start[1].copy())
+    n_add = round(config.growth * len(labels_np))
+    records: list[RoundRecord] = []
+    for r in range(first, config.rounds):
+        started = time.perf_counter()
+        stats = enhance_round(model, images, labels, clean_mask, config, seed=seed, round_=r, device=device,
+                              rank=rank, world_size=world_size)
+        stats["round_seconds"] = time.perf_counter() - started
+        decision, record = None, None
+        if rank == 0:
+            probs = predict_proba(module, data.images, device=device)
+            fit_now = probs.argmax(1) == labels_np
+            record = RoundRecord(r, clean_mask.copy(), fit_now, stats)
+            if probe is not None:
+                record.stats.update(probe(r, module, fit_now, clean_mask))
+            nxt = clean_mask
+            if r + 1 < config.rounds:
+                nxt = grow_clean_set(clean_mask, config, n_add=n_add, partition=partition, probs=probs,
+                                     labels=labels_np,
+                                     rescore=(lambda idx: rescore(module, idx)) if rescore is not None else None)
+            records.append(record)
+            decision = np.packbits(nxt)
+        module.train()
+        clean_mask = np.unpackbits(share(decision), count=len(labels_np)).astype(bool)
+        if on_round is not None:
+            on_round(r, record, clean_mask)
+    return records
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What the defense never sees, for logging only: poison flags and the test sets."""
+
+    is_poison: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    triggered_images: np.ndarray
+    triggered_labels: np.ndarray
+
+
+def evaluate_model(model: nn.Module, truth: GroundTruth, device: str | torch.device = "cpu") -> dict[str, float]:
+    """ACC on clean test images and ASR on triggered ones."""
+    acc = float((predict_proba(model, truth.test_images, device=device).argmax(1) == truth.test_labels).mean())
+    asr = float((predict_proba(model, truth.triggered_images, device=device).argmax(1)
+                 == truth.triggered_labels).mean()) if len(truth.triggered_labels) else float("nan")
+    return {"acc": acc, "asr": asr}
+
+
+def make_probe(truth: GroundTruth, identify: IdentifyConfig, device: str | torch.device = "cpu") -> RoundProbe:
+    """Per-round metrics: identification against ground truth (as if the loop stopped here), the
+    assumed-clean set's purity, the enhanced model's ACC/ASR."""
+    recent: list[np.ndarray] = []
+
+    def probe(round_: int, model: nn.Module, fit_now: np.ndarray, clean_mask: np.ndarray) -> dict[str, float]:
+        recent.append(fit_now)
+        del recent[:-identify.last_rounds]
+        flagged = np.logical_or.reduce(recent)
+        out = identification_metrics(flagged, truth.is_poison, "id_")
+        out["assumed_clean_poison_rate"] = float(truth.is_poison[clean_mask].mean()) if clean_mask.any() else 0.0
+        out["assumed_clean_size"] = float(clean_mask.sum())
+        out.update({f"enhanced_{k}": v for k, v in evaluate_model(model, truth, device).items()})
+        return out
+
+    return probe
+
+
+# -- identification -------------------------------------------------------------------------------
+
+
+def identify_poison(records: list[RoundRecord], config: IdentifyConfig) -> np.ndarray:
+    """Suspected poisons: fit by the enhanced model of any of the last k rounds (k = 1: the paper)."""
+    last = records[-config.last_rounds:]
+    return np.logical_or.reduce([r.fit for r in last])
+
+
+def identification_metrics(flagged: np.ndarray, is_poison: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """Precision / recall / F1 / FPR of 'flagged as poisoned' against ground truth."""
+    tp = int((flagged & is_poison).sum())
+    fp = int((flagged & ~is_poison).sum())
+    fn = int((~flagged & is_poison).sum())
+    tn = int((~flagged & ~is_poison).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {f"{prefix}precision": precision, f"{prefix}recall": recall, f"{prefix}f1": f1,
+            f"{prefix}fpr": fp / (fp + tn) if fp + tn else 0.0, f"{prefix}flagged": float(flagged.sum()),
+            f"{prefix}leaked": float(fn)}
+
+
+# -- the defense ----------------------------------------------------------------------------------
+
+
+class PoisonedTrainingDefense:
+    """A defense that trains on an untrusted set: ``fit(poisoned, seed) -> self``, then ``model_``.
+
+    Unlike a :class:`~bdray.defenses.base.Detector` it sees no model and no clean data.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PoisonedTrainingConfig]] = PoisonedTrainingConfig
+
+    def __init__(self, config: PoisonedTrainingConfig) -> None:
+        self.config = config
+
+    def fit(self, poisoned: ImageSet, *, seed: int) -> PoisonedTrainingDefense:
+        raise NotImplementedError
+
+    def repair(self) -> nn.Module:
+        """The model to deploy."""
+        raise NotImplementedError
+
+
+DefenseFactory = type[PoisonedTrainingDefense]
+POISONED_TRAINING: Registry[DefenseFactory] = Registry("poisoned-training defense")
+
+
+def register_poisoned_training(name: str) -> Callable[[DefenseFactory], DefenseFactory]:
+    def decorator(cls: DefenseFactory) -> DefenseFactory:
+        cls.name = name
+        return POISONED_TRAINING.register(name)(cls)
+
+    return decorator
+
+
+def list_poisoned_training() -> list[str]:
+    return POISONED_TRAINING.names()
+
+
+def get_poisoned_training(config: PoisonedTrainingConfig | Mapping[str, Any]) -> PoisonedTrainingDefense:
+    """Build a registered poisoned-training defense from its config (or a plain dict)."""
+    if isinstance(config, Mapping):
+        cls = POISONED_TRAINING.get(str(config["name"]))
+        config = cls.Config.model_validate(config)
+    return POISONED_TRAINING.get(config.name)(config)
+
+
+def advrbd_config(raw: Mapping[str, Any]) -> AdvrBDConfig:
+    """Validate a defense section into the config class its name selects."""
+    return POISONED_TRAINING.get(str(raw.get("name", "advrbd"))).Config.model_validate(raw)  # type: ignore[return-value]
+
+
+Builder = Callable[[], nn.Module]
+
+
+def relabel(data: ImageSet, flagged: np.ndarray, probs: np.ndarray) -> ImageSet:
+    """The complete dataset of Eq. 5: suspected poisons take the clean model's labels."""
+    labels = data.labels.copy()
+    labels[flagged] = probs[flagged].argmax(1)
+    return data.replace(labels=labels)
+
+
+@register_poisoned_training("advrbd")
+class AdvrBD(PoisonedTrainingDefense):
+    """All stages in this process (see :mod:`bdray.defenses.advrbd_ray` for Ray Data / Ray Train).
+
+    Fitted state: ``poisoned_model_``, ``scores_``, ``seed_mask_``, ``premise_``, ``records_``,
+    ``enhanced_model_``, ``flagged_`` (suspected poisons), ``clean_model_``, ``relearned_model_``.
+    """
+
+    Config = AdvrBDConfig
+    config: AdvrBDConfig
+
+    def __init__(self, config: AdvrBDConfig, build: Builder | None = None) -> None:
+        super().__init__(config)
+        self.build = build
+
+    def set_builder(self, build: Builder) -> AdvrBD:
+        self.build = build
+        return self
+
+    def fit(
+        self, poisoned: ImageSet, *, seed: int, device: str | torch.device = "cpu",
+        probe: RoundProbe | None = None, on_round: RoundHook | None = None,
+        poisoned_model: nn.Module | None = None,
+    ) -> AdvrBD:
+        if self.build is None:
+            raise RuntimeError("AdvrBD needs a model builder: AdvrBD(config, build) or .set_builder(build)")
+        cfg = self.config
+        if poisoned_model is None:
+            torch.manual_seed(seed)
+            poisoned_model = fit(self.build(), poisoned, cfg.train, seed=seed, device=device)
+        self.poisoned_model_ = poisoned_model
+        self.scores_ = partition_scores(poisoned_model, poisoned.images, cfg.partition, seed=seed, device=device)
+        self.seed_mask_, self.premise_ = choose_seed_set(self.scores_, poisoned.labels, poisoned.num_classes, cfg)
+        enhanced = self.build() if cfg.enhance.init == "scratch" else copy.deepcopy(poisoned_model)
+
+        def rescore(module: nn.Module, idx: np.ndarray) -> np.ndarray:
+            return partition_scores(module, poisoned.images[idx], cfg.partition, seed=seed, index=idx, device=device)
+
+        torch.manual_seed(seed + 1)
+        self.records_ = run_enhancement(enhanced.to(device), poisoned, self.seed_mask_, self.scores_, cfg.enhance,
+                                        seed=seed, device=device, rescore=rescore, probe=probe, on_round=on_round)
+        self.enhanced_model_ = enhanced
+        self.flagged_ = identify_poison(self.records_, cfg.identify)
+        clean = poisoned.subset(np.flatnonzero(~self.flagged_))
+        torch.manual_seed(seed + 2)
+        self.clean_model_ = fit(self.build(), clean, cfg.clean_train, seed=seed + 2, device=device)
+        probs = predict_proba(self.clean_model_, poisoned.images, device=device)
+        self.relabeled_ = relabel(poisoned, self.flagged_, probs)
+        self.relearned_model_ = fit(copy.deepcopy(self.clean_model_), self.relabeled_, cfg.relearn, seed=seed + 3,
+                                    device=device)
+        return self
+
+    @property
+    def model_(self) -> nn.Module:
+        return self.relearned_model_
+
+    def repair(self) -> nn.Module:
+        return self.relearned_model_
+
+
+@register_poisoned_training("advrbd+")
+class AdvrBDPlus(AdvrBD):
+    Config = AdvrBDPlusConfig
+
+
+def choose_seed_set(
+    scores: np.ndarray, labels: np.ndarray, num_classes: int, config: AdvrBDConfig
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The assumed-clean seed set, with the premise check (and its remedy when configured)."""
+    if config.partition.class_balanced:
+        seed_mask = balanced_top_fraction(scores, labels, config.partition.rate, num_classes)
+    else:
+        seed_mask = top_fraction(scores, config.partition.rate)
+    premise = premise_check(labels, seed_mask, num_classes)
+    premise["premise_violated"] = float(config.premise.check
+                                        and premise["premise_class_ratio"] > config.premise.max_class_ratio)
+    if premise["premise_violated"]:
+        log.warning("AdvrBD premise check: class %d is %.2fx over-represented in the seed set; poisoned samples "
+                    "may be the sensitive ones here", int(premise["premise_class"]), premise["premise_class_ratio"])
+        if config.premise.on_violation == "balance":
+            seed_mask = balanced_top_fraction(scores, labels, config.partition.rate, num_classes)
+    return seed_mask, premise
