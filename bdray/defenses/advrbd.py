@@ -233,7 +233,8 @@ def partition_scores(
     try:
         for s in range(0, len(images), batch_size):
             chunk = slice(s, s + batch_size)
-            x = to_float(torch.from_numpy(np.ascontiguousarray(images[chunk]))).to(device)
+            # a writable copy: the images may be a read-only view (mmap, Arrow)
+            x = to_float(torch.from_numpy(np.array(images[chunk]))).to(device)
             for draw in range(config.masks):
                 masks, starts = draw_masks_and_starts(index[chunk], images.shape[1:], config.radius, seed, draw)
                 out[draw, chunk] = pgd_kl(model, x, masks.to(device), starts.to(device), eps=config.eps,

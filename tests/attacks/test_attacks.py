@@ -262,11 +262,13 @@ def test_target_out_of_range_raises(name: str) -> None:
     make(name, (1, 28, 28), target=NUM_CLASSES - 1)  # the last class is fine
 
 
-@all_attacks
-@pytest.mark.parametrize("mode", ["all_to_one", "all_to_all"])
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    # all-to-one-only attacks (CL, SIG, TaCT) refuse all_to_all: test_all_to_all_label_map checks that
+    [(n, m) for n in list_attacks() for m in ("all_to_one", "all_to_all")
+     if m == "all_to_one" or supports_all_to_all(n)],
+)
 def test_triggered_testset(name: str, mode: str, synthetic_sets) -> None:
-    if mode == "all_to_all" and not supports_all_to_all(name):
-        pytest.skip(f"{name} is all-to-one only (checked in test_all_to_all_label_map)")
     data = synthetic_sets[(1, 28, 28)]
     attack = make(name, (1, 28, 28), mode=mode, target=3)
     triggered, index = triggered_testset(data, attack, batch_size=17)
