@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ import yaml
 from pydantic import Field, SerializeAsAny, ValidationError
 
 from bdray.attacks import AttackConfig, attack_class, build_attack, poison_dataset, triggered_testset
-from bdray.config import ConfigError, Strict, TrackingConfig, apply_overrides
+from bdray.config import ConfigError, Strict, TrackingConfig, apply_overrides, read_yaml
 from bdray.data import DatasetPair, get_dataset
 from bdray.defenses.advrbd import (
     AdvrBDConfig,
@@ -43,6 +42,7 @@ from bdray.defenses.advrbd import (
     relabel,
 )
 from bdray.models import ModelSpec, load_weights
+from bdray.pipeline import ensure_ray
 from bdray.stages import StageStore
 from bdray.train.distributed import Scaling
 
@@ -74,6 +74,7 @@ class AdvrBDRay(Strict):
     score_actors: int = Field(2, ge=1, description="model replicas scoring in parallel (Ray Data actor pool)")
     score_cpus: float = Field(1.0, gt=0, description="CPUs (and torch threads) per scoring replica")
     score_gpu: bool = Field(False, description="one GPU per scoring replica")
+    dashboard: bool = Field(False, description="start the dashboard of a local Ray, bound to 127.0.0.1")
     log_to_driver: bool = False
 
 
@@ -124,11 +125,7 @@ def validate_advrbd(raw: Mapping[str, Any], source: str = "config") -> AdvrBDExp
 
 
 def load_advrbd_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AdvrBDExperiment:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([("(file)", f"{path} does not exist")], str(path))
-    raw = yaml.safe_load(path.read_text()) or {}
-    return validate_advrbd(apply_overrides(dict(raw), overrides), str(path))
+    return validate_advrbd(apply_overrides(read_yaml(path), overrides), str(path))
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -149,22 +146,6 @@ def model_spec(config: AdvrBDExperiment, pair: DatasetPair) -> ModelSpec:
     c, h, _ = pair.train.image_shape
     return ModelSpec(name=config.model.name, in_channels=c, num_classes=pair.train.num_classes, image_size=h,
                      mean=list(pair.train.mean), std=list(pair.train.std), kwargs=dict(config.model.options))
-
-
-def ensure_ray(config: AdvrBDExperiment) -> bool:
-    """Connect to the configured cluster or start a local one; True if this call started it."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": config.ray.log_to_driver}
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    return True
 
 
 # -- the run --------------------------------------------------------------------------------------

@@ -220,8 +220,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config, apply dotted overrides, validate everything."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; a missing file, bad YAML or a non-mapping is a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("(file)", f"{path} does not exist")], str(path))
@@ -229,7 +229,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([("(file)", f"not valid YAML: {str(exc).splitlines()[0]}")], str(path)) from None
-    return validate_config(apply_overrides(dict(raw), overrides), str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError([("(top level)", "expected a mapping of sections")], str(path))
+    return raw
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config, apply dotted overrides, validate everything."""
+    return validate_config(apply_overrides(read_yaml(path), overrides), str(path))
 
 
 def config_hash(obj: Any) -> str:

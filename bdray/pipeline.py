@@ -274,8 +274,11 @@ def _file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def ensure_ray(config: ExperimentConfig, *, extra_cpus: float = 0) -> bool:
+def ensure_ray(config: Any, *, extra_cpus: float = 0) -> bool:
     """Connect to the configured cluster or start a local one; True if this call started it.
+
+    ``config`` is any experiment config with a ``ray`` section (``address``, ``num_cpus``,
+    ``dashboard``, ``log_to_driver``): BaDExpert's and AdvrBD's alike.
 
     ``extra_cpus`` adds logical CPUs to a local Ray for processes that mostly wait (Tune trial
     drivers), so they do not take a core away from the training workers they wait on.

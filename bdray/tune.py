@@ -29,10 +29,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from bdray.config import ConfigError, ExperimentConfig, Strict, apply_overrides, config_hash, validate_config
+from bdray.config import (
+    ConfigError,
+    ExperimentConfig,
+    Strict,
+    apply_overrides,
+    config_hash,
+    read_yaml,
+    validate_config,
+)
 
 ProgressFn = Callable[[str], None]
 
@@ -171,13 +178,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
 
     path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise ConfigError([("(file)", f"{path} does not exist")], source)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([("(file)", f"not valid YAML: {str(exc).splitlines()[0]}")], source) from None
-    raw = apply_overrides(dict(raw), overrides)
+    raw = apply_overrides(read_yaml(path), overrides)
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as exc:
@@ -186,7 +187,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     base_path = (path.parent / sweep.base).resolve()
     if not base_path.is_file():
         raise ConfigError([("base", f"{base_path} does not exist")], source)
-    base_raw = _deep_merge(yaml.safe_load(base_path.read_text()) or {}, sweep.overrides)
+    base_raw = _deep_merge(read_yaml(base_path), sweep.overrides)
     base = validate_config(base_raw, f"{source} (base {sweep.base} + overrides)")
     resolved = base.to_dict()
     errors: list[tuple[str, str]] = []

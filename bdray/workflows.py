@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
-from bdray.config import ConfigError, ExperimentConfig, apply_overrides, load_config
+from bdray.config import ConfigError, ExperimentConfig, apply_overrides, load_config, read_yaml
 
 ProgressFn = Callable[[str], None]
 
@@ -146,22 +144,10 @@ def describe_badexpert(summary: Mapping[str, Any], config: Any = None) -> str:
     return format_summary(dict(summary))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError([("(file)", f"{path} does not exist")], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([("(file)", f"not valid YAML: {str(exc).splitlines()[0]}")], str(path)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([("(top level)", "expected a mapping of sections")], str(path))
-    return raw
-
-
 def defense_workflow(path: str | Path, overrides: Iterable[str] = ()) -> tuple[str, DefenseWorkflow]:
     """The defense a config names (after overrides) and the workflow that runs it."""
     overrides = list(overrides)
-    raw = apply_overrides(_read_yaml(Path(path)), overrides)
+    raw = apply_overrides(read_yaml(path), overrides)
     section = raw.get("defense")
     name = str(section.get("name", DEFAULT_DEFENSE)) if isinstance(section, Mapping) else DEFAULT_DEFENSE
     if name not in DEFENSE_WORKFLOWS:
