@@ -1,4 +1,4 @@
-from bdray.defenses import badexpert, detectors, repair, unlearning  # noqa: F401  (registers the defenses)
+from bdray.defenses import badexpert, detectors, poisoned_training, repair, unlearning  # noqa: F401  (registers the defenses)
 from bdray.defenses.badexpert import BaDExpert, BaDExpertConfig, eq3_score
 from bdray.defenses.base import DEFENSES, DefenseConfig, Detector, defense_class, list_defenses, register_defense
 from bdray.defenses.detectors import (
