@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import yaml
@@ -31,9 +31,10 @@ from bdray.attacks import AttackConfig, attack_class, build_attack, poison_datas
 from bdray.config import ConfigError, Strict, TrackingConfig, apply_overrides, read_yaml
 from bdray.data import DatasetPair, get_dataset
 from bdray.defenses.advrbd import (
+    POISONED_TRAINING,
     AdvrBDConfig,
-    AdvrBDPlusConfig,
     GroundTruth,
+    PoisonedTrainingConfig,
     RoundRecord,
     choose_seed_set,
     evaluate_model,
@@ -78,16 +79,15 @@ class AdvrBDRay(Strict):
     log_to_driver: bool = False
 
 
-DefenseSection = Annotated[AdvrBDConfig | AdvrBDPlusConfig, Field(discriminator="name")]
-
-
 class AdvrBDExperiment(Strict):
     seed: int = 0
     storage: str = Field(".bdray", description="stage artifacts, Ray Train runs and the local MLflow store")
     data: AdvrBDData = AdvrBDData()
     attack: SerializeAsAny[AttackConfig]
     model: AdvrBDModel = AdvrBDModel()
-    defense: DefenseSection = AdvrBDConfig()
+    # advrbd, advrbd+ or a baseline of the same kind (abl, dbr, dbd, cutmix): any registered
+    # poisoned-training defense, validated by validate_advrbd into its own config class.
+    defense: SerializeAsAny[PoisonedTrainingConfig] = AdvrBDConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="advrbd")
     ray: AdvrBDRay = AdvrBDRay()
 
@@ -114,10 +114,20 @@ def validate_advrbd(raw: Mapping[str, Any], source: str = "config") -> AdvrBDExp
             errors.append(("attack.name", str(exc.args[0])))
         except ValidationError as exc:
             errors.extend(_pydantic_errors(exc, ("attack",)))
+    defense = raw.get("defense", {"name": "advrbd"})
+    if not isinstance(defense, Mapping):
+        errors.append(("defense", "expected a section naming a poisoned-training defense"))
+    elif not isinstance(defense, PoisonedTrainingConfig):
+        try:
+            raw["defense"] = POISONED_TRAINING.get(str(defense.get("name", "advrbd"))).Config.model_validate(defense)
+        except KeyError as exc:
+            errors.append(("defense.name", str(exc.args[0])))
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, ("defense",)))
     try:
         config = AdvrBDExperiment.model_validate(raw)
     except ValidationError as exc:
-        errors.extend(e for e in _pydantic_errors(exc) if not e[0].startswith("attack"))
+        errors.extend(e for e in _pydantic_errors(exc) if not e[0].startswith(("attack", "defense")))
         raise ConfigError(errors, source) from None
     if errors:
         raise ConfigError(errors, source)
@@ -178,6 +188,8 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
     from bdray.train import predict_proba
     from bdray.train.distributed import train_model
 
+    if not isinstance(config.defense, AdvrBDConfig):
+        return _run_baseline(config, out=out, reuse=reuse, progress=progress, parent_run_id=parent_run_id)
     t0 = time.perf_counter()
     storage = Path(config.storage).resolve()
     store = StageStore(storage / "stages", reuse=reuse)
@@ -320,6 +332,68 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
     return summary
 
 
+def _run_baseline(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progress: ProgressFn,
+                  parent_run_id: str | None) -> dict[str, Any]:
+    """A baseline poisoned-training defense (ABL, DBR, DBD, CutMix) on the same data, attack and metrics
+    as AdvrBD, so their rows compare. Its model is a stage artifact keyed like AdvrBD's stages."""
+    import torch
+
+    from bdray.defenses.advrbd import get_poisoned_training
+    from bdray.models import save_weights
+
+    t0 = time.perf_counter()
+    storage = Path(config.storage).resolve()
+    store = StageStore(storage / "stages", reuse=reuse)
+    cfg = config.to_dict()
+    name = config.defense.name
+    progress(f"[1/3] data: {config.data.name}, poison with {config.attack.name} at {config.attack.poison_rate}")
+    pair = load_pair(config)
+    spec = model_spec(config, pair)
+    attack = build_attack(config.attack, image_shape=pair.train.image_shape, num_classes=pair.train.num_classes)
+    poisoned = poison_dataset(pair.train, attack, config.seed)
+    triggered, _ = triggered_testset(pair.test, attack)
+    truth = GroundTruth(poisoned.is_poison, pair.test.images, pair.test.labels, triggered.images, triggered.labels)
+    # The baselines' own loops run in this process (not Ray Train): threads as the training stages get.
+    torch.set_num_threads(max(1, int(config.ray.train.cpus_per_worker)))
+
+    def compute(tmp: Path) -> None:
+        defense = get_poisoned_training(config.defense)
+        defense.set_builder(spec.build)  # type: ignore[attr-defined]
+        defense.fit(poisoned.data, seed=config.seed)
+        save_weights(defense.repair(), tmp / "model.safetensors")
+
+    progress(f"[2/3] {name} on the {len(poisoned.data)} untrusted samples")
+    key = {"data": cfg["data"], "seed": config.seed, "model": cfg["model"], "attack": cfg["attack"],
+           "defense": cfg["defense"]}
+    result = store.run(f"poisoned_training_{name}", key, [], compute)
+    progress(f"      {'reused' if result.cached else f'done in {result.seconds:.1f}s'}")
+    progress("[3/3] evaluate")
+    metrics = evaluate_model(load_weights(spec.build(), result.path / "model.safetensors"), truth)
+    summary: dict[str, Any] = {"defense": name, "final_acc": metrics["acc"], "final_asr": metrics["asr"],
+                               "time_defense": result.seconds, "num_train": len(poisoned.data),
+                               "num_poison": len(poisoned.poison_index)}
+    summary["time_total"] = time.perf_counter() - t0
+    summary["mlflow_run_id"] = None
+    if config.tracking.enabled:
+        from bdray.tracking import Tracker, git_commit
+
+        tracker = Tracker(config.tracking_uri(), config.tracking.experiment, artifact_root=storage / "mlartifacts")
+        tags = {"attack": config.attack.name, "defense": name, "dataset": config.data.name,
+                "model": config.model.name, "seed": str(config.seed)}
+        with tracker.run(config.tracking.run_name or f"{name}-{config.attack.name}", tags=tags,
+                         parent_run_id=parent_run_id) as run:
+            summary["mlflow_run_id"] = run.run_id
+            run.log_params(cfg)
+            run.set_tags({"git_commit": git_commit() or "unknown"})
+            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+            run.log_text(yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
+            run.log_text(json.dumps(summary, indent=2, default=float), "summary.json")
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
 def _mask_digest(mask: np.ndarray) -> str:
     import hashlib
 
@@ -347,6 +421,10 @@ SUMMARY_ROWS = (
 
 def format_summary(summary: Mapping[str, Any], config: AdvrBDExperiment | None = None) -> str:
     """The run as a small table; every ASR has the clean model's rate for the same trigger beside it."""
+    if "id_precision" not in summary:  # a baseline: one model
+        return (f"{summary['defense']}: ACC {100 * summary['final_acc']:.2f}%  ASR {100 * summary['final_asr']:.2f}%"
+                f"  ({summary['num_poison']} of {summary['num_train']} training samples poisoned); wall time "
+                f"{summary['time_total']:.0f}s; MLflow run {summary.get('mlflow_run_id')}")
     ref = 100 * summary["clean_model_asr"]
     head = f"{'':34}  {'ACC %':>7}  {'ASR %':>7}  {'clean-model ASR %':>17}"
     lines = [head, "-" * len(head)]

@@ -115,8 +115,26 @@ def test_bad_fields_are_reported_with_their_path() -> None:
         load_advrbd_config(ROOT / "configs" / "advrbd_smoke.yaml",
                            ["defense.enhance.unlearn=forget", "attack.patch_sizee=3", "defense.partition.eps=2"])
     text = str(info.value)
-    assert "defense.advrbd.enhance.unlearn" in text and "attack.patch_sizee: unknown key" in text
-    assert "defense.advrbd.partition.eps" in text
+    assert "defense.enhance.unlearn" in text and "attack.patch_sizee: unknown key" in text
+    assert "defense.partition.eps" in text
+
+
+def test_the_runner_takes_every_poisoned_training_defense(ray_session, tmp_path: Path) -> None:
+    from bdray.advrbd_run import load_advrbd_config, run_advrbd
+    from bdray.stages import StageStore
+
+    smoke = ROOT / "configs" / "advrbd_smoke.yaml"
+    with pytest.raises(ConfigError, match="defense.name: unknown poisoned-training defense 'abll'"):
+        load_advrbd_config(smoke, ["defense={name: abll}"])
+    with pytest.raises(ConfigError, match="defense.beta"):
+        load_advrbd_config(smoke, ["defense={name: cutmix, beta: 0}"])
+    config = load_advrbd_config(smoke, ["defense={name: cutmix, train: {epochs: 2, batch_size: 64}}",
+                                        f"storage={tmp_path}", "tracking.enabled=false"])
+    summary = run_advrbd(config, progress=lambda _: None)
+    assert summary["defense"] == "cutmix" and 0.5 < summary["final_acc"] <= 1 and 0 <= summary["final_asr"] <= 1
+    again = run_advrbd(config, progress=lambda _: None)
+    assert again["final_acc"] == summary["final_acc"]  # the stage's model, reused
+    assert [e["stage"] for e in StageStore(tmp_path / "stages").executions()] == ["poisoned_training_cutmix"]
 
 
 # -- Algorithm 1 ----------------------------------------------------------------------------------
