@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bdray.config import ConfigError, load_config
+from bdray.detect import add_filter_arguments
 
 EXIT_CONFIG = 2
 
@@ -80,6 +81,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from bdray.detect import filter_from_args
+
+    try:
+        summary = filter_from_args(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    counts = summary["counts"]
+    print(f"{counts['rows']} rows screened: {counts['accepted']} accepted, {counts['rejected']} rejected "
+          f"(threshold {summary['detector']['threshold']:.4g}); written to {args.out}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     print(json.dumps(config.to_dict(), indent=2) if args.show else f"{args.config}: ok")
@@ -122,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metric", action="append", help="metric to report (repeatable; default: the main ones)")
     rep.add_argument("--x", help="swept field on the plots' x axis (default: the first numeric one)")
     rep.set_defaults(func=_cmd_report)
+    flt = sub.add_parser("filter", help="screen a shard directory with a saved detector: accepted/rejected shards")
+    add_filter_arguments(flt).set_defaults(func=_cmd_filter)
     val = sub.add_parser("validate", help="validate a config without running anything")
     val.add_argument("config")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

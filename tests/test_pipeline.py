@@ -58,6 +58,11 @@ def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_co
     # The saved detector reloads (no pickle) and scores exactly as the run did.
     detector = BaDExpert.load(out / "detector")
     assert detector.threshold_ == pytest.approx(summary["threshold"])
+    # ... and deploys as a filter with the detector's own verdicts (its content hash checked on load).
+    from bdray.detect import Filter
+
+    images = np.zeros((2, *Filter.load(out / "detector").image_shape), np.uint8)
+    np.testing.assert_array_equal(Filter.load(out / "detector")(images).reject, detector.reject(images))
 
     # Same config again: every stage is found in the store, nothing is retrained.
     untracked = config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from bdray.data.base import ImageSet
 from bdray.defenses.base import DefenseConfig, Detector, register_defense
 from bdray.models import ModelSpec, load_weights, save_weights
-from bdray.models.io import atomic_write
+from bdray.models.io import atomic_directory, atomic_write
 from bdray.train import TrainRecipe, fit, predict_proba
 
 EXPERT_RECIPE = TrainRecipe(
@@ -31,7 +32,10 @@ AUXILIARY_RECIPE = TrainRecipe(
     epochs=10, batch_size=64, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
     schedule="multistep", milestones=(2, 4, 6, 8), lr_decay=0.1,
 )
-ARTIFACT_VERSION = 1
+# 2 added content_hash (over every JSON field, the weight files' sha256 among them); 1 is still read.
+ARTIFACT_VERSION = 2
+ARTIFACT_FORMAT = "bdray.badexpert"
+DETECTOR_JSON = "detector.json"
 _FILES = ("model", "expert", "auxiliary")
 
 
@@ -64,6 +68,7 @@ class BaDExpert(Detector):
         self.model_: nn.Module | None = None
         self.expert_: nn.Module | None = None
         self.auxiliary_: nn.Module | None = None
+        self.metadata_: dict[str, Any] | None = None  # detector.json, once saved or loaded
 
     # -- fitting --------------------------------------------------------------------------------
     def fit_expert(self, model: nn.Module, clean: ImageSet, *, seed: int = 0) -> nn.Module:
@@ -107,48 +112,96 @@ class BaDExpert(Detector):
 
     # -- the artifact ---------------------------------------------------------------------------
     def save(self, directory: str | Path, spec: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
-        """Write M, B, M' as safetensors plus detector.json (hashes, gamma, threshold, config)."""
+        """Write M, B, M' as safetensors plus detector.json (hashes, gamma, threshold, config).
+
+        The directory is filled beside its target and renamed into place, so a reader never sees new
+        weights beside an old detector.json.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        hashes = {}
-        for name, model in zip(_FILES, (self.model_, self.expert_, self.auxiliary_), strict=True):
-            path = directory / f"{name}.safetensors"
-            save_weights(model, path)
-            hashes[name] = _sha256(path)
-        meta = {
-            "format": "bdray.badexpert",
-            "version": ARTIFACT_VERSION,
-            "model_spec": dict(spec),
-            "gamma": self.config.gamma,
-            "threshold": self.threshold_,
-            "config": self.config.model_dump(mode="json"),
-            "sha256": hashes,
-            **(extra or {}),
-        }
-        atomic_write(directory / "detector.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        with atomic_directory(directory) as tmp:
+            hashes = {}
+            for name, model in zip(_FILES, (self.model_, self.expert_, self.auxiliary_), strict=True):
+                path = tmp / f"{name}.safetensors"
+                save_weights(model, path)
+                hashes[name] = _sha256(path)
+            meta = {
+                "format": ARTIFACT_FORMAT,
+                "version": ARTIFACT_VERSION,
+                "model_spec": dict(spec),
+                "gamma": self.config.gamma,
+                "threshold": self.threshold_,
+                "config": self.config.model_dump(mode="json"),
+                "sha256": hashes,
+                **(extra or {}),
+            }
+            meta["content_hash"] = artifact_content_hash(meta)
+            atomic_write(tmp / DETECTOR_JSON, lambda t: Path(t).write_text(json.dumps(meta, indent=2)))
+        self.metadata_ = meta
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> BaDExpert:
-        """Load a saved detector; refuses files whose hash differs from the one recorded."""
+        """Load a saved detector; refuses a detector.json or weight file that differs from what was saved.
+
+        The metadata read (content_hash included) is kept as ``metadata_``.
+        """
         directory = Path(directory)
-        meta_path = directory / "detector.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: not a bdray detector directory")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "bdray.badexpert":
-            raise ValueError(f"{meta_path}: format is {meta.get('format')!r}, expected 'bdray.badexpert'")
+        meta = read_artifact_metadata(directory)
         detector = cls(BaDExpertConfig.model_validate(meta["config"]))
         spec = ModelSpec(meta["model_spec"])
         models = []
         for name in _FILES:
             path = directory / f"{name}.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (detector.json lists it)")
             if _sha256(path) != meta["sha256"][name]:
                 raise ValueError(f"{path}: sha256 does not match detector.json (corrupted or replaced)")
             models.append(load_weights(spec.build(), path))
         detector.set_models(*models)
         detector.threshold_ = meta["threshold"]
+        detector.metadata_ = meta
         return detector
+
+
+def artifact_content_hash(meta: dict[str, Any]) -> str:
+    """sha256 of detector.json's fields except ``content_hash``, in canonical JSON.
+
+    The fields hold each weight file's sha256, so this one digest covers the weights, the threshold,
+    gamma and the config together.
+    """
+    body = {k: v for k, v in meta.items() if k != "content_hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_artifact_metadata(directory: str | Path) -> dict[str, Any]:
+    """detector.json of a saved detector, checked against its own content_hash (weights not read)."""
+    meta_path = Path(directory) / DETECTOR_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: not a bdray detector directory")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: format is {found!r}, expected {ARTIFACT_FORMAT!r}")
+    version = meta.get("version")
+    if version not in (1, ARTIFACT_VERSION):
+        raise ValueError(f"{meta_path}: artifact version {version!r}; this bdray reads 1 and {ARTIFACT_VERSION}")
+    if "content_hash" in meta:
+        if artifact_content_hash(meta) != meta["content_hash"]:
+            raise ValueError(f"{meta_path}: content_hash does not match its fields (threshold, config or weight "
+                             "hashes edited after saving)")
+    elif version == 1:
+        # Version 1 predates content_hash: its weight files are still checked, its JSON fields are not.
+        warnings.warn(f"{meta_path}: a version-1 detector without content_hash; its threshold and config are not "
+                      "integrity-checked. Save it again (BaDExpert.load(...).save(...)) to add one.", stacklevel=3)
+    else:
+        raise ValueError(f"{meta_path}: version {version} needs a content_hash, and it has none")
+    missing = [k for k in ("model_spec", "config", "threshold", "sha256") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: missing fields {missing}")
+    return meta
 
 
 def _sha256(path: Path) -> str:
