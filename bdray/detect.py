@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bdray.atomic import atomic_directory
 from bdray.data.shards import (
     COMPRESSION,
     DEFAULT_ROWS_PER_SHARD,
@@ -46,7 +47,6 @@ from bdray.data.shards import (
 )
 from bdray.defenses.badexpert import DETECTOR_JSON, BaDExpert, eq3_score, read_artifact_metadata
 from bdray.models import ModelSpec
-from bdray.models.io import atomic_directory
 from bdray.train.loop import to_float
 
 FILTER_FORMAT = "bdray.filter"

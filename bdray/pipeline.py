@@ -486,7 +486,7 @@ def _tags(config: ExperimentConfig) -> dict[str, str]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from bdray.models.io import atomic_write
+    from bdray.atomic import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=float)))
 

@@ -141,7 +141,7 @@ def plot(rows: list[dict[str, Any]], x: str, metric: str, keys: list[str]):
 def write_report(experiment: str, uri: str, out: str | Path, *, metrics: tuple[str, ...] = DEFAULT_METRICS,
                  x: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Write report.md, report.csv and one plot per metric into ``out``; returns what was written."""
-    from bdray.models.io import atomic_write
+    from bdray.atomic import atomic_write
 
     fields, records = collect(experiment, uri, parent_run_id=parent_run_id)
     if not records:

@@ -219,7 +219,7 @@ def _trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     """One trial: resolve its config, skip it if the ledger says it finished, else run the experiment."""
     from ray import tune
 
-    from bdray.models.io import atomic_write
+    from bdray.atomic import atomic_write
     from bdray.pipeline import run_experiment
 
     sweep: SweepConfig = context["sweep"]
@@ -250,7 +250,7 @@ def _ledger_from_mlflow(config: ExperimentConfig, key: str, parent_run_id: str, 
     """A trial whose MLflow run finished but whose process died before writing the ledger counts as done."""
     from mlflow.tracking import MlflowClient
 
-    from bdray.models.io import atomic_write
+    from bdray.atomic import atomic_write
 
     client = MlflowClient(tracking_uri=config.tracking_uri())
     exp = client.get_experiment_by_name(config.tracking.experiment)

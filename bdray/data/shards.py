@@ -22,8 +22,6 @@ import io
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bdray.atomic import atomic_directory
 from bdray.data.base import ImageSet
 
 if TYPE_CHECKING:
@@ -350,40 +349,11 @@ def _finish(directory: Path, manifest: Manifest) -> Manifest:
     return replace(manifest, root=str(directory))
 
 
-class _Target:
-    """Write into a hidden sibling of ``path`` and rename it into place only when complete."""
-
-    def __init__(self, path: str | os.PathLike, overwrite: bool) -> None:
-        if "://" in str(path):
-            raise ValueError(f"{path}: shards are written to a local directory (copy them to object storage after)")
-        self.path = Path(path)
-        self.overwrite = overwrite
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} already exists (pass overwrite=True to replace it)")
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared
-        old = None
-        try:
-            if self.path.exists() and self.overwrite:
-                # Move the old set aside first: os.replace cannot replace a non-empty directory.
-                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
-                os.replace(self.path, old / "set")
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+def _target(path: str | os.PathLike, overwrite: bool) -> Any:
+    """The directory to fill; renamed into place only when complete (:func:`bdray.atomic.atomic_directory`)."""
+    if "://" in str(path):
+        raise ValueError(f"{path}: shards are written to a local directory (copy them to object storage after)")
+    return atomic_directory(path, overwrite=overwrite)
 
 
 def _check_format(image_format: str, allowed: Sequence[str] = FORMATS) -> None:
@@ -424,7 +394,7 @@ def write_source(
     (JPEG is lossy: triggers are applied after decoding, so both poisoned modes still agree).
     """
     _check_format(format)
-    with _Target(path, overwrite) as tmp:
+    with _target(path, overwrite) as tmp:
         _write_source_into(tmp, data, format, rows_per_shard)
     return open_shards(path, verify="fast")
 
@@ -471,7 +441,7 @@ def write_poisoned(
     attack_info = {"config": attack.config.model_dump(mode="json"), "class": attack.metadata()["class"]}
     counts = {"rows": len(labels), "poisoned": len(plan.poison_index), "cover": len(plan.cover_index)}
 
-    with _Target(path, overwrite) as tmp:
+    with _target(path, overwrite) as tmp:
         state = _write_attack_state(tmp, attack)
         if mode == "materialized":
             assert clean is not None

@@ -19,10 +19,10 @@ import numpy as np
 from pydantic import Field
 from torch import nn
 
+from bdray.atomic import atomic_directory, atomic_write
 from bdray.data.base import ImageSet
 from bdray.defenses.base import DefenseConfig, Detector, register_defense
 from bdray.models import ModelSpec, load_weights, save_weights
-from bdray.models.io import atomic_directory, atomic_write
 from bdray.train import TrainRecipe, fit, predict_proba
 
 EXPERT_RECIPE = TrainRecipe(

@@ -8,66 +8,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bdray.atomic import atomic_directory, atomic_write  # noqa: F401  (re-exported)
+
 
 class UnsafeCheckpointError(ValueError):
     """The checkpoint holds something other than plain tensors (e.g. pickled code)."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp)`` then rename tmp onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a hidden sibling of ``path`` to fill; when the block ends cleanly it becomes ``path``.
-
-    A reader sees the old directory or the new one, never a mix of their files. An existing ``path``
-    is replaced when ``overwrite`` (else FileExistsError before anything is written).
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
-        old = None
-        if path.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "previous")
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old / "previous", path)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after the rename
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
