@@ -127,13 +127,13 @@ class DefenseWorkflow:
         return getattr(importlib.import_module(module), name)
 
 
+_POISONED_TRAINING = DefenseWorkflow("bdray.advrbd_run:load_advrbd_config", "bdray.advrbd_run:run_advrbd",
+                                     "bdray.advrbd_run:format_summary")
 DEFENSE_WORKFLOWS: dict[str, DefenseWorkflow] = {
     "badexpert": DefenseWorkflow("bdray.config:load_config", "bdray.pipeline:run_experiment",
                                  "bdray.workflows:describe_badexpert"),
-    "advrbd": DefenseWorkflow("bdray.advrbd_run:load_advrbd_config", "bdray.advrbd_run:run_advrbd",
-                              "bdray.advrbd_run:format_summary"),
-    "advrbd+": DefenseWorkflow("bdray.advrbd_run:load_advrbd_config", "bdray.advrbd_run:run_advrbd",
-                               "bdray.advrbd_run:format_summary"),
+    # AdvrBD and the baselines it is compared with share one runner (bdray.advrbd_run).
+    **{name: _POISONED_TRAINING for name in ("advrbd", "advrbd+", "abl", "dbr", "dbd", "cutmix")},
 }
 DEFAULT_DEFENSE = "badexpert"
 

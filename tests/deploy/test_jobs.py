@@ -63,7 +63,8 @@ def test_environment_then_command_line(jobs, monkeypatch: pytest.MonkeyPatch, tm
 def test_the_config_picks_the_defense_workflow() -> None:
     name, workflow = workflows.defense_workflow(SMOKE)
     assert name == "badexpert" and workflow.function("run").__name__ == "run_experiment"
-    with pytest.raises(ConfigError, match=r"defense\.name: unknown defense 'nope'; jobs/defend\.py runs: advrbd, "):
+    with pytest.raises(ConfigError,
+                       match=r"defense\.name: unknown defense 'nope'; jobs/defend\.py runs: abl, advrbd, "):
         workflows.defense_workflow(SMOKE, ["defense.name=nope"])
     # Validation is the defense's own: a BaDExpert field error reads as from `bdray validate`.
     with pytest.raises(ConfigError, match=r"attack\.poison_rate: Input should be less than 1 \(got 1\.5\)"):
@@ -75,6 +76,9 @@ def test_advrbd_configs_go_to_the_advrbd_workflow() -> None:
     workflow, config = workflows.load_defended(ROOT / "configs" / "advrbd_smoke.yaml", ["defense.name=advrbd+"])
     assert type(config).__name__ == "AdvrBDExperiment" and config.defense.name == "advrbd+"
     assert workflow.function("run").__name__ == "run_advrbd"
+    # so do the baselines AdvrBD is compared with
+    workflow, config = workflows.load_defended(ROOT / "configs" / "advrbd_smoke.yaml", ["defense={name: abl}"])
+    assert config.defense.name == "abl" and workflow.function("run").__name__ == "run_advrbd"
 
 
 def test_a_config_error_exits_2_with_one_line_per_field(jobs, capsys: pytest.CaptureFixture) -> None:
