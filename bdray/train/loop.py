@@ -147,11 +147,14 @@ def predict_proba(
 ) -> np.ndarray:
     """Softmax outputs (N, C) of ``model`` in eval mode, for uint8 or float images."""
     model.to(device).eval()
-    images = torch.as_tensor(images)
-    out = [
-        F.softmax(model(to_float(images[s : s + batch_size]).to(device)).float(), dim=1).cpu()
-        for s in range(0, len(images), batch_size)
-    ]
+
+    def rows(s: int) -> torch.Tensor:
+        chunk = images[s : s + batch_size]
+        # Stage artifacts are read-only memory maps, which torch will not wrap: copy one batch at a time.
+        return torch.from_numpy(np.array(chunk)) if isinstance(chunk, np.ndarray) else chunk
+
+    out = [F.softmax(model(to_float(rows(s)).to(device)).float(), dim=1).cpu()
+           for s in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
