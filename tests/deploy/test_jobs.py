@@ -72,7 +72,6 @@ def test_the_config_picks_the_defense_workflow() -> None:
 
 
 def test_advrbd_configs_go_to_the_advrbd_workflow() -> None:
-    pytest.importorskip("bdray.advrbd_run")
     workflow, config = workflows.load_defended(ROOT / "configs" / "advrbd_smoke.yaml", ["defense.name=advrbd+"])
     assert type(config).__name__ == "AdvrBDExperiment" and config.defense.name == "advrbd+"
     assert workflow.function("run").__name__ == "run_advrbd"
