@@ -54,10 +54,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from bdray.tune import load_sweep, run_sweep
+    from bdray.tune import SweepInterrupted, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep, args.set)
-    result = run_sweep(sweep, resume=not args.no_resume)
+    try:
+        result = run_sweep(sweep, resume=not args.no_resume)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     ran = sum(not t["skipped"] for t in result["trials"])
     print(f"{len(result['trials'])} trials ({ran} run now, {len(result['trials']) - ran} finished earlier); "
           f"MLflow experiment '{result['experiment']}', parent run {result['parent_run_id']}")

@@ -300,6 +300,10 @@ def _parent_run(tracker: Any, sweep: SweepConfig) -> str:
     return run.info.run_id
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep was stopped (Ctrl-C, SIGTERM, ``ray job stop``) before every trial ended."""
+
+
 def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn = print) -> dict[str, Any]:
     """Run every trial of ``sweep`` on Ray Tune; returns the parent run id, the trials and the best one."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -358,6 +362,13 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
                                       callbacks=[_progress_callback(progress, sweep.num_trials)]),
         )
         grid = tuner.fit()
+        # Tune turns Ctrl-C / SIGTERM into a graceful stop and returns what it has: an interrupted
+        # sweep must not look finished (its parent run ends KILLED; running it again resumes it).
+        # A trial Tune stopped mid-way still comes back, without an error and without the metric.
+        reported = sum(1 for r in grid if r.error is None and sweep.metric in (r.metrics or {}))
+        if grid.num_errors == 0 and reported < sweep.num_trials:
+            raise SweepInterrupted(f"sweep {sweep.name} stopped after {reported} of {sweep.num_trials} trials; "
+                                   "run it again to resume (finished trials are not rerun)")
         trials = []
         for result in grid:
             if result.error is not None:
@@ -372,7 +383,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
         status = "FINISHED"
         return {"parent_run_id": parent_run_id, "experiment": sweep.name, "trials": trials, "best": best,
                 "ledger": str(ledger)}
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SweepInterrupted):
         status = "KILLED"
         raise
     finally:
