@@ -185,8 +185,41 @@ def _check_cross_fields(config: ExperimentConfig, source: str) -> None:
     if num_classes is not None and config.attack.target >= num_classes:
         errors.append(("attack.target", f"{config.attack.target} is not a class of {config.data.name} "
                                         f"(allowed: 0..{num_classes - 1})"))
+    errors.extend(_block_errors(config))
     if errors:
         raise ConfigError(errors, source)
+
+
+def _block_errors(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """Every ``trainable_blocks`` set must be 1..(the model's blocks), and the model must have blocks."""
+    settings = [("train.trainable_blocks", config.train.trainable_blocks)]
+    defense = config.defense
+    settings.append(("defense.trainable_blocks", getattr(defense, "trainable_blocks", None)))
+    for name in ("expert", "auxiliary"):
+        recipe = getattr(defense, name, None)
+        if isinstance(recipe, TrainRecipe):
+            settings.append((f"defense.{name}.trainable_blocks", recipe.trainable_blocks))
+    settings = [(loc, k) for loc, k in settings if k is not None]
+    if not settings:
+        return []
+    import torch
+
+    from bdray.models import get_model
+    from bdray.models.blocks import describe_blocks, num_blocks
+
+    try:
+        # On the meta device: the architecture without allocating (or initializing) any weights.
+        with torch.device("meta"):
+            model = get_model(config.model.name, in_channels=3, num_classes=dataset_num_classes(config.data) or 10,
+                              image_size=32, **config.model.options)
+    except Exception:  # a model that needs other sizes: checked when it is trained
+        return []
+    try:
+        n = num_blocks(model)
+    except ValueError as exc:
+        return [(settings[0][0], f"model {config.model.name} cannot freeze a prefix of blocks: {exc}")]
+    return [(loc, f"{k} exceeds the {n} blocks of model {config.model.name} ({describe_blocks(model)}); "
+                  f"allowed 1..{n}") for loc, k in settings if k > n]
 
 
 _FIXED_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "gtsrb": 43}

@@ -2,7 +2,9 @@
 
 - :class:`Filter` loads a detector directory written by the pipeline (``runs/<name>/detector``) after
   checking its integrity, and screens a batch of images in one pass: the batch goes to the device
-  once, M, B and M' run on it there, and only M's label and the three confidences come back.
+  once, M, B and M' run on it there, and only M's label and the three confidences come back. When B
+  and M' were trained with ``trainable_blocks`` (their first blocks frozen at M's weights), the
+  shared prefix runs once and only the three suffixes run on its output.
 - :func:`filter_shards` runs the filter over a Parquet shard directory (``bdray.data.shards``) as a
   Ray Data stream, one filter per actor, and writes the accepted and the rejected rows as two sets of
   Parquet shards with ``pred_label`` and ``score`` beside the input's columns (layout below).
@@ -47,6 +49,7 @@ from bdray.data.shards import (
 )
 from bdray.defenses.badexpert import DETECTOR_JSON, BaDExpert, eq3_score, read_artifact_metadata
 from bdray.models import ModelSpec
+from bdray.models.blocks import same_prefix, split_model
 from bdray.train.loop import to_float
 
 FILTER_FORMAT = "bdray.filter"
@@ -78,6 +81,11 @@ class Filter:
     Images are uint8 (N, C, H, W) in 0..255 or float (N, C, H, W) in [0, 1], as every bdray model
     takes them (the models normalize internally). On CUDA the pass runs under bf16 autocast with
     channels_last activations; on the CPU it computes exactly what ``BaDExpert.score`` does.
+
+    ``trainable_blocks`` (the detector's ``defense.trainable_blocks``) says B and M' share all but
+    their last k blocks with M. The filter checks that those prefixes are bit-identical and then runs
+    the prefix once per batch and the three suffixes on its output (``shared_blocks`` > 0); if they
+    differ it warns and runs the three models in full.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class Filter:
         device: str | torch.device | None = None,
         batch_size: int = 1024,
         content_hash: str | None = None,
+        trainable_blocks: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +116,27 @@ class Filter:
         self.image_shape = tuple(int(s) for s in image_shape)
         self.batch_size = int(batch_size)
         self.content_hash = content_hash
+        self.prefix: nn.Module | None = None  # M's first blocks, when B and M' share them
+        self.suffixes: nn.ModuleList | None = None  # the last blocks of M, B, M' (the same modules as in models)
+        self.shared_blocks = 0
+        if trainable_blocks is not None:
+            self._share_prefix(int(trainable_blocks))
+
+    def _share_prefix(self, trainable_blocks: int) -> None:
+        try:
+            splits = [split_model(m, trainable_blocks) for m in self.models]
+            identical = same_prefix(self.models, trainable_blocks)
+        except ValueError as exc:
+            warnings.warn(f"trainable_blocks={trainable_blocks}: {exc}; running M, B and M' in full", stacklevel=3)
+            return
+        if not identical:
+            warnings.warn(f"trainable_blocks={trainable_blocks}, but the first blocks of M, B and M' are not "
+                          "identical; running M, B and M' in full", stacklevel=3)
+            return
+        if len(splits[0][0]):  # k = every block leaves no prefix to share
+            self.prefix = splits[0][0]
+            self.suffixes = nn.ModuleList([suffix for _, suffix in splits])
+            self.shared_blocks = len(self.prefix)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -133,7 +163,8 @@ class Filter:
         size = int(spec["image_size"])
         return cls(detector.model_, detector.expert_, detector.auxiliary_, gamma=detector.config.gamma,
                    threshold=detector.threshold_, image_shape=(int(spec["in_channels"]), size, size), device=device,
-                   batch_size=batch_size, content_hash=content_hash)
+                   batch_size=batch_size, content_hash=content_hash,
+                   trainable_blocks=getattr(detector.config, "trainable_blocks", None))
 
     # -- screening -------------------------------------------------------------------------------
     def __call__(self, images: np.ndarray | torch.Tensor) -> FilterResult:
@@ -166,7 +197,11 @@ class Filter:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = torch.stack([m(x) for m in self.models])  # (3, B, K)
+            if self.prefix is not None and self.suffixes is not None:
+                h = self.prefix(x)  # what M, B and M' all compute first, computed once
+                logits = torch.stack([suffix(h) for suffix in self.suffixes])  # (3, B, K)
+            else:
+                logits = torch.stack([m(x) for m in self.models])  # (3, B, K)
         # Softmax in float32 even under autocast: Eq. 3 divides confidences, bf16 would move the score.
         return F.softmax(logits.float(), dim=2)
 

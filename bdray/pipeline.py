@@ -227,13 +227,10 @@ def evaluate(
         "expert_asr": metrics.accuracy(bd_c["pred_expert"], triggered.labels),
         "aux_ca": metrics.accuracy(clean_c["pred_aux"], evaluation.labels),
         "aux_asr": metrics.accuracy(bd_c["pred_aux"], triggered.labels),
-        "auroc": metrics.auroc(clean_s[clean_ok], bd_s[bd_ok]),
-        "tpr_at_fpr": metrics.tpr_at_fpr(clean_s[clean_ok], bd_s[bd_ok], config.defense.target_fpr),
+        **metrics.detection_metrics(clean_s, bd_s, clean_c["pred"], evaluation.labels, bd_c["pred"],
+                                    triggered.labels, threshold, config.defense.target_fpr),
         "threshold": threshold,
         "target_fpr": config.defense.target_fpr,
-        "fpr": float((clean_s > threshold).mean()),
-        "defended_ca": metrics.accuracy(clean_c["pred"], evaluation.labels, clean_s <= threshold),
-        "defended_asr": metrics.accuracy(bd_c["pred"], triggered.labels, bd_s <= threshold),
         "num_eval_clean": len(evaluation),
         "num_eval_triggered": len(triggered),
     }
@@ -246,6 +243,7 @@ def evaluate(
     nc_ok, nb_ok = metrics.detection_population(nc["pred"], evaluation.labels, nb["pred"], triggered.labels)
     out["auroc_noisy"] = metrics.auroc(np.r_[clean_s[clean_ok], nc["score"][nc_ok]],
                                        np.r_[bd_s[bd_ok], nb["score"][nb_ok]])
+    out["filter_flops_vs_model"] = _filter_flops(config, detector, pair.train.image_shape)
     arrays = {
         "clean_scores": clean_s[clean_ok], "bd_scores": bd_s[bd_ok],
         "clean_conf": (clean_c["conf_expert"][clean_ok], clean_c["conf_aux"][clean_ok]),
@@ -254,6 +252,17 @@ def evaluate(
         "preview": (evaluation.images[src[:8]], triggered.images[:8]),
     }
     return {"metrics": out, "arrays": arrays, "detector": detector}
+
+
+def _filter_flops(config: ExperimentConfig, detector: BaDExpert, image_shape: tuple[int, ...]) -> float:
+    """The deployed filter's FLOPs per input over M's (bdray.detect.Filter): 3 for three full passes;
+    1 + 2 x (the suffix's share) when B and M' kept M's first blocks (defense.trainable_blocks)."""
+    from bdray.models.blocks import same_prefix, shared_pass_cost
+
+    k = config.defense.trainable_blocks
+    models = (detector.model_, detector.expert_, detector.auxiliary_)
+    shared = k is not None and same_prefix(models, k)
+    return shared_pass_cost(detector.model_, k if shared else None, image_shape)
 
 
 # -- orchestration --------------------------------------------------------------------------------
@@ -440,7 +449,7 @@ def _stages(
     jobs = {
         "expert": TrainJob("expert", config.defense.expert_recipe(), config.ray.finetune, config.seed,
                            model_path, tracking, resume=reuse),
-        "auxiliary": TrainJob("auxiliary", config.defense.auxiliary, config.ray.finetune, config.seed + 1,
+        "auxiliary": TrainJob("auxiliary", config.defense.auxiliary_recipe(), config.ray.finetune, config.seed + 1,
                               model_path, tracking, resume=reuse),
     }
     refs = {

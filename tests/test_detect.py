@@ -22,6 +22,7 @@ from bdray.defenses import badexpert as badexpert_module
 from bdray.defenses.badexpert import artifact_content_hash
 from bdray.detect import Filter, FilterResult, filter_shards
 from bdray.models import ModelSpec
+from bdray.models.blocks import split_model
 from bdray.train import predict_proba
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +157,63 @@ def test_saving_again_replaces_the_directory_and_a_failed_save_keeps_the_old_one
         detector.save(saved, SPEC)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["detector"]
+
+
+# -- experts that share a frozen prefix with M (defense.trainable_blocks) ----------------------------
+
+
+def _shared_prefix_detector(pair, k: int) -> BaDExpert:
+    """M and two models equal to it but for their last ``k`` blocks, as training with ``k`` leaves them."""
+    torch.manual_seed(0)
+    model = SPEC.build().eval()
+    others = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        other = SPEC.build().eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for p in split_model(other, k)[1].parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        others.append(other)
+    det = BaDExpert(BaDExpertConfig(name="badexpert", trainable_blocks=k)).set_models(model, *others)
+    det.threshold_ = float(np.median(det.score(pair.test.images)))
+    return det
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_shared_prefix_pass_equals_three_full_passes(tmp_path: Path, pair, k: int) -> None:
+    det = _shared_prefix_detector(pair, k)
+    shared = Filter.load(det.save(tmp_path / "det", SPEC), batch_size=7)
+    assert shared.shared_blocks == 4 - k
+    full = Filter(det.model_, det.expert_, det.auxiliary_, gamma=det.config.gamma, threshold=det.threshold_,
+                  image_shape=SHAPE, device="cpu")
+    assert full.shared_blocks == 0
+    images = pair.test.images
+    np.testing.assert_allclose(shared.probabilities(images), full.probabilities(images), rtol=1e-5, atol=1e-7)
+    got, want = shared(images), full(images)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+    np.testing.assert_allclose(got.score, det.score(images), rtol=1e-5)
+    assert 0 < got.reject.sum() < len(images)
+
+
+def test_experts_whose_prefix_differs_from_m_get_three_full_passes(tmp_path: Path, detector: BaDExpert,
+                                                                   pair) -> None:
+    # The config claims a shared prefix, but the fixture's three models were initialized apart.
+    claimed = BaDExpert(BaDExpertConfig(name="badexpert", trainable_blocks=2)).set_models(
+        detector.model_, detector.expert_, detector.auxiliary_)
+    claimed.threshold_ = detector.threshold_
+    with pytest.warns(UserWarning, match="first blocks of M, B and M' are not identical"):
+        screen = Filter.load(claimed.save(tmp_path / "det", SPEC))
+    assert screen.shared_blocks == 0
+    np.testing.assert_allclose(screen(pair.test.images).score, detector.score(pair.test.images), rtol=1e-6)
+
+
+def test_k_equal_to_every_block_shares_nothing_and_does_not_warn(pair, recwarn) -> None:
+    det = _shared_prefix_detector(pair, 4)
+    screen = Filter.from_detector(det, SPEC, device="cpu")
+    assert screen.shared_blocks == 0 and not recwarn.list
+    np.testing.assert_allclose(screen(pair.test.images).score, det.score(pair.test.images), rtol=1e-6)
 
 
 # -- input validation --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from bdray.atomic import atomic_directory, atomic_write
@@ -44,9 +44,31 @@ class BaDExpertConfig(DefenseConfig):
     eta: float = Field(1e-4, gt=0, description="the expert's (un)learning rate; overrides expert.lr")
     expert: TrainRecipe = EXPERT_RECIPE
     auxiliary: TrainRecipe = AUXILIARY_RECIPE
+    trainable_blocks: int | None = Field(
+        None, ge=1, description="train only the last k blocks of B and M' (bdray.models.blocks); the earlier "
+        "blocks stay M's, frozen, so one pass through them feeds M, B and M' at inference. None: every layer "
+        "trains, as in the paper")
+
+    @model_validator(mode="after")
+    def _one_setting_for_blocks(self) -> BaDExpertConfig:
+        if self.trainable_blocks is not None:
+            for name in ("expert", "auxiliary"):
+                own = getattr(self, name).trainable_blocks
+                if own is not None and own != self.trainable_blocks:
+                    raise ValueError(f"{name}.trainable_blocks ({own}) differs from trainable_blocks "
+                                     f"({self.trainable_blocks}); set only trainable_blocks for both models")
+        return self
 
     def expert_recipe(self) -> TrainRecipe:
-        return self.expert.model_copy(update={"lr": self.eta, "label_shift": self.expert.label_shift or 1})
+        return self.expert.model_copy(update={"lr": self.eta, "label_shift": self.expert.label_shift or 1,
+                                              **self._blocks(self.expert)})
+
+    def auxiliary_recipe(self) -> TrainRecipe:
+        return self.auxiliary.model_copy(update=self._blocks(self.auxiliary))
+
+    def _blocks(self, recipe: TrainRecipe) -> dict[str, int]:
+        k = self.trainable_blocks if self.trainable_blocks is not None else recipe.trainable_blocks
+        return {} if k is None else {"trainable_blocks": k}
 
 
 def eq3_score(conf_expert: np.ndarray, conf_aux: np.ndarray, gamma: float) -> np.ndarray:
@@ -75,7 +97,7 @@ class BaDExpert(Detector):
         return fit(copy.deepcopy(model), clean, self.config.expert_recipe(), seed=seed)
 
     def fit_auxiliary(self, model: nn.Module, clean: ImageSet, *, seed: int = 0) -> nn.Module:
-        return fit(copy.deepcopy(model), clean, self.config.auxiliary, seed=seed + 1)
+        return fit(copy.deepcopy(model), clean, self.config.auxiliary_recipe(), seed=seed + 1)
 
     def fit(self, model: nn.Module, clean: ImageSet, *, seed: int = 0) -> BaDExpert:
         expert = self.fit_expert(model, clean, seed=seed)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bdray.models.blocks import GlobalAvgPool, register_stages
 from bdray.models.registry import register_model
 
 
@@ -42,6 +43,13 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_stages(CifarResNet)
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """stem, each residual block, pooling, head: 10 blocks for ResNet-18 (bdray.models.blocks)."""
+    assert isinstance(model, CifarResNet)
+    return [model.stem, *model.layers, GlobalAvgPool(), model.head]
 
 
 @register_model("resnet18_cifar")

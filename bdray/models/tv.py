@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
+from bdray.models.blocks import GlobalAvgPool, register_stages
 from bdray.models.registry import register_model
 
 
@@ -51,3 +52,26 @@ def vit_b_16(*, in_channels: int, num_classes: int, image_size: int) -> nn.Modul
     model = tvm.vit_b_16(weights=None, num_classes=num_classes, image_size=image_size)
     model.conv_proj = _swap_conv(model.conv_proj, in_channels)
     return model
+
+
+# How each family's forward unrolls into stages (bdray.models.blocks); ViT has none (its class token
+# and position embedding are added between modules), so it cannot freeze a prefix of blocks.
+
+
+@register_stages(tvm.ResNet)
+def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    assert isinstance(model, tvm.ResNet)
+    residual = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+    return [model.conv1, model.bn1, model.relu, model.maxpool, *residual, model.avgpool, nn.Flatten(1), model.fc]
+
+
+@register_stages(tvm.VGG)
+def _vgg_stages(model: nn.Module) -> list[nn.Module]:
+    assert isinstance(model, tvm.VGG)
+    return [*model.features, model.avgpool, nn.Flatten(1), *model.classifier]
+
+
+@register_stages(tvm.MobileNetV2)
+def _mobilenet_v2_stages(model: nn.Module) -> list[nn.Module]:
+    assert isinstance(model, tvm.MobileNetV2)
+    return [*model.features, GlobalAvgPool(), *model.classifier]

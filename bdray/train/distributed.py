@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bdray.data.base import ImageSet
 from bdray.models import ModelSpec, load_weights
+from bdray.models.blocks import freeze_prefix
 from bdray.models.io import save_weights
 from bdray.train.loop import augment_generator, train_epoch, worker_batches
 from bdray.train.recipe import TrainRecipe
@@ -75,9 +76,11 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
         load_weights(model, cfg["init_weights"])
     if on_gpu and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # Before DDP wraps it: DDP syncs the gradients of the parameters that require one when it is built.
+    trainable = freeze_prefix(model, recipe.trainable_blocks)
     model = ray.train.torch.prepare_model(model)
     module = model.module if hasattr(model, "module") else model
-    optimizer = recipe.make_optimizer(model.parameters())
+    optimizer = recipe.make_optimizer(trainable)
 
     data = cfg.get("data")
     if data is not None:

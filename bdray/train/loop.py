@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bdray.data.base import ImageSet
+from bdray.models.blocks import freeze_prefix, prefix_eval
 from bdray.train.recipe import Augment, TrainRecipe
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -88,6 +89,8 @@ def train_epoch(
     """One pass over ``batches`` of (uint8 images, labels already mapped); shared by every trainer."""
     stats = EpochStats()
     model.train()
+    # A frozen prefix runs as at inference: its BatchNorm statistics stay M's (DDP wraps the model).
+    prefix_eval(getattr(model, "module", model), recipe.trainable_blocks)
     device = torch.device(device)
     for step, (images, labels) in enumerate(batches):
         if on_step is not None:
@@ -130,14 +133,20 @@ def fit(
     images = torch.from_numpy(data.images)
     labels = (torch.from_numpy(data.labels) + recipe.label_shift) % data.num_classes
     model.to(device)
-    optimizer = recipe.make_optimizer(model.parameters())
+    flags = [p.requires_grad for p in model.parameters()]
+    optimizer = recipe.make_optimizer(freeze_prefix(model, recipe.trainable_blocks))
     scheduler = recipe.make_scheduler(optimizer, -(-len(data) // recipe.batch_size))
-    for epoch in range(recipe.epochs):
-        batches = ((images[i], labels[i]) for i in worker_batches(len(data), recipe.batch_size, seed=seed, epoch=epoch))
-        stats = train_epoch(model, optimizer, scheduler, batches, recipe,
-                            generator=augment_generator(seed, epoch), device=device)
-        if on_epoch is not None:
-            on_epoch(epoch, stats.as_dict())
+    try:
+        for epoch in range(recipe.epochs):
+            batches = ((images[i], labels[i])
+                       for i in worker_batches(len(data), recipe.batch_size, seed=seed, epoch=epoch))
+            stats = train_epoch(model, optimizer, scheduler, batches, recipe,
+                                generator=augment_generator(seed, epoch), device=device)
+            if on_epoch is not None:
+                on_epoch(epoch, stats.as_dict())
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):  # the model leaves as it came
+            p.requires_grad_(flag)
     return model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import nn
 
 
@@ -33,6 +33,20 @@ class TrainRecipe(BaseModel):
     lr_decay: float = Field(0.1, gt=0, le=1)
     label_shift: int = Field(0, description="train on (y + label_shift) mod C; BaDExpert's expert uses 1")
     augment: Augment = Augment()
+    trainable_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="train only the last k blocks (bdray.models.blocks); the earlier ones keep their "
+        "weights and BatchNorm statistics. None: every layer trains",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_blocks(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Stage keys hash a recipe's dump: leaving the unset field out keeps every key made before it existed.
+        data = handler(self)
+        if self.trainable_blocks is None:
+            data.pop("trainable_blocks", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainRecipe:
