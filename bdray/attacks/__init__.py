@@ -1,6 +1,7 @@
 # Importing each family registers its attacks.
 from bdray.attacks import (  # noqa: F401
     adaptive,
+    badexpert_adap,
     bpp,
     cl,
     dynamic,

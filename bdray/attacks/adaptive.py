@@ -34,7 +34,7 @@ def _choose(rngs: list[np.random.Generator], total: int, k: int) -> np.ndarray:
 
 
 class AdaptiveBlendConfig(BlendConfig):
-    poison_rate: float = Field(0.05, gt=0, lt=1, description="AdvrBD Table I: 5%")
+    poison_rate: float = Field(0.05, ge=0, lt=1, description="AdvrBD Table I: 5%")
     cover_rate: float = Field(0.01, ge=0, lt=1, description="AdvrBD Table I: 1% regularization samples")
     alpha: float = Field(0.15, gt=0, le=1, description="training opacity (Qi et al.: 0.15)")
     test_alpha: float | None = Field(0.2, gt=0, le=1, description="test opacity (Qi et al. and AdvrBD: 0.2)")
@@ -84,7 +84,7 @@ class AdaptiveBlend(Blend):
 
 
 class AdaptivePatchConfig(AttackConfig):
-    poison_rate: float = Field(0.05, gt=0, lt=1, description="AdvrBD Table I: 5%")
+    poison_rate: float = Field(0.05, ge=0, lt=1, description="AdvrBD Table I: 5%")
     cover_rate: float = Field(0.01, ge=0, lt=1, description="AdvrBD Table I: 1% regularization samples")
     num_patches: int = Field(4, ge=1, description="AdvrBD Table I: 'Firefox x4'")
     patch_size: int = Field(4, ge=1)

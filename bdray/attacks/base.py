@@ -25,7 +25,9 @@ class AttackConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    poison_rate: float = Field(0.01, gt=0, lt=1, description="fraction of the training set poisoned")
+    poison_rate: float = Field(
+        0.01, ge=0, lt=1, description="fraction of the training set poisoned (0: a clean set, a table's 0% column)"
+    )
     target: int = Field(0, ge=0, description="target class (all-to-one)")
     mode: Literal["all_to_one", "all_to_all"] = "all_to_one"
     seed: int = Field(0, description="seed of the trigger pattern itself (noise, masks)")
@@ -57,6 +59,9 @@ class Attack:
     #: True for attacks that change a trained model (``bdray.attacks.posttrain.implant``) rather than
     #: only hand over poisoned data.
     post_training: ClassVar[bool] = False
+    #: True for attacks whose test-time trigger is optimized against the trained (backdoored) model:
+    #: ``prepare(model, clean, seed=)`` runs after training and before any ``apply(test=True)``.
+    needs_model: ClassVar[bool] = False
 
     def fit(self, clean: ImageSet, *, seed: int) -> Attack:
         """Train the attack's own parts on data the attacker holds; a no-op for static triggers."""
@@ -70,7 +75,7 @@ class Attack:
         return self
 
     def prepare(self, model: Any, clean: ImageSet, *, seed: int) -> Attack:
-        """Post-training attacks only: derive the trigger from the model to be backdoored (a no-op here)."""
+        """Post-training and ``needs_model`` attacks: derive the trigger from ``model`` (a no-op here)."""
         return self
 
     def trigger(

@@ -19,7 +19,7 @@ from bdray.attacks.common import SALT_COVER, draw_cover, sample_rngs
 
 
 class BppConfig(AttackConfig):
-    poison_rate: float = Field(0.2, gt=0, lt=1, description="BaDExpert A.3: 20% injection ratio")
+    poison_rate: float = Field(0.2, ge=0, lt=1, description="BaDExpert A.3: 20% injection ratio")
     negative_rate: float = Field(0.2, ge=0, lt=1, description="BaDExpert A.3: 20% negative ratio (cover)")
     squeeze_num: int = Field(8, ge=2, le=255, description="levels per channel (Wang et al.: 8)")
     dithering: bool = True

@@ -20,7 +20,7 @@ from bdray.data.base import ImageSet
 
 
 class CLConfig(CleanLabelConfig):
-    poison_rate: float = Field(0.003, gt=0, lt=1, description="BaDExpert A.3: 0.3%")
+    poison_rate: float = Field(0.003, ge=0, lt=1, description="BaDExpert A.3: 0.3%")
     eps: float = Field(600 / 255, gt=0, description="L2 bound of the perturbation in [0, 1] units (A.3: 600 of 255)")
     pgd_steps: int = Field(10, ge=1)
     patch_size: int = Field(3, ge=1, description="the BadNet 3x3 checkerboard, once per corner")

@@ -24,7 +24,7 @@ from bdray.data.base import ImageSet
 
 
 class DynamicConfig(AttackConfig):
-    poison_rate: float = Field(0.003, gt=0, lt=1, description="BaDExpert A.3: 0.3%")
+    poison_rate: float = Field(0.003, ge=0, lt=1, description="BaDExpert A.3: 0.3%")
     cover_rate: float = Field(0.0, ge=0, lt=1, description="cross-trigger cover samples (data-poisoning: none)")
     hidden: int = Field(16, ge=1, description="channels of the generator nets")
     mask_density: float = Field(0.032, gt=0, le=1, description="target mean mask value (Nguyen & Tran: 0.032)")

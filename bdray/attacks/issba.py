@@ -23,7 +23,7 @@ from bdray.data.base import ImageSet
 
 
 class ISSBAConfig(AttackConfig):
-    poison_rate: float = Field(0.02, gt=0, lt=1, description="BaDExpert A.3: 2%")
+    poison_rate: float = Field(0.02, ge=0, lt=1, description="BaDExpert A.3: 2%")
     code_bits: int = Field(32, ge=1, description="length of the secret (StegaStamp: 100 bits)")
     strength: float = Field(0.05, gt=0, le=1, description="largest residual per pixel, in [0, 1] units")
     hidden: int = Field(32, ge=1)

@@ -13,7 +13,7 @@ from bdray.attacks.patch import Blend, BlendConfig
 
 
 class LowOpacityConfig(BlendConfig):
-    poison_rate: float = Field(0.003, gt=0, lt=1, description="BaDExpert A.3 (Blend): 0.3%")
+    poison_rate: float = Field(0.003, ge=0, lt=1, description="BaDExpert A.3 (Blend): 0.3%")
     alpha: float = Field(0.2, gt=0, le=1, description="training opacity (Blend's 20%)")
     test_alpha: float | None = Field(
         0.15, gt=0, le=1, description="test opacity; Table 5's Low-Opacity row is Table 12's 15% column"

@@ -21,7 +21,7 @@ from bdray.attacks.patch import Corner, _patch_origin
 
 
 class PhysicalConfig(AttackConfig):
-    poison_rate: float = Field(0.05, gt=0, lt=1, description="AdvrBD Table I: 5%")
+    poison_rate: float = Field(0.05, ge=0, lt=1, description="AdvrBD Table I: 5%")
     patch_size: int = Field(5, ge=1)
     position: Corner | tuple[int, int] = "bottom_right"
     margin: int = Field(1, ge=0)

@@ -28,7 +28,7 @@ from bdray.train import TrainRecipe, fit
 
 
 class FTConfig(BlendConfig):
-    poison_rate: float = Field(0.2, gt=0, lt=1, description="BaDExpert A.3: 20% injection ratio")
+    poison_rate: float = Field(0.2, ge=0, lt=1, description="BaDExpert A.3: 20% injection ratio")
     alpha: float = Field(0.2, gt=0, le=1, description="BaDExpert A.3: 20% blending alpha")
 
 
@@ -42,7 +42,7 @@ class FT(Blend):
 
 
 class TrojanNNConfig(TrojanConfig):
-    poison_rate: float = Field(0.1, gt=0, lt=1, description="BaDExpert A.3: 10% injection ratio")
+    poison_rate: float = Field(0.1, ge=0, lt=1, description="BaDExpert A.3: 10% injection ratio")
     neuron: int | None = Field(None, ge=0, description="penultimate-layer neuron; default: the most connected one")
     steps: int = Field(100, ge=1, description="gradient steps of the trigger optimization")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the trigger pixels (as logits)")

@@ -21,7 +21,7 @@ from bdray.attacks.patch import BadNet, BadNetConfig
 
 class TaCTConfig(BadNetConfig):
     mode: Literal["all_to_one"] = "all_to_one"
-    poison_rate: float = Field(0.05, gt=0, lt=1, description="AdvrBD Table I: 5% (drawn from the source classes)")
+    poison_rate: float = Field(0.05, ge=0, lt=1, description="AdvrBD Table I: 5% (drawn from the source classes)")
     target: int = Field(1, ge=0, description="AdvrBD Table I: target 1")
     pattern: Literal["checkerboard", "white", "random"] = "white"  # AdvrBD Table I: 3x3 white square
     source_classes: tuple[int, ...] = Field((0,), min_length=1, description="AdvrBD Table I: source 0")

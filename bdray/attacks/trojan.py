@@ -15,7 +15,7 @@ from bdray.attacks.patch import Corner, _patch_origin
 
 
 class TrojanConfig(AttackConfig):
-    poison_rate: float = Field(0.003, gt=0, lt=1, description="BaDExpert A.3: 0.3%")
+    poison_rate: float = Field(0.003, ge=0, lt=1, description="BaDExpert A.3: 0.3%")
     patch_size: int = Field(8, ge=3, description="BaDExpert A.3: the 8x8 TrojanNN patch")
     position: Corner | tuple[int, int] = "bottom_right"
     margin: int = Field(1, ge=0)

@@ -17,7 +17,7 @@ from bdray.attacks.common import SALT_COVER, draw_cover, sample_rngs
 
 
 class WaNetConfig(AttackConfig):
-    poison_rate: float = Field(0.05, gt=0, lt=1, description="BaDExpert A.3: 5%")
+    poison_rate: float = Field(0.05, ge=0, lt=1, description="BaDExpert A.3: 5%")
     cover_rate: float = Field(0.1, ge=0, lt=1, description="noise-mode cover samples (A.3: 10%)")
     k: int = Field(4, ge=2, description="control grid size (Nguyen & Tran: 4)")
     s: float = Field(0.5, gt=0, description="warping strength (Nguyen & Tran: 0.5)")

@@ -2,8 +2,9 @@
 
 The contract tests are parametrized over ``list_attacks()``, so a newly registered attack is
 checked automatically with its default config. Attacks with a trained part (``needs_fit``) are
-fitted once per config on a tiny generated set first; per-sample randomness is checked through
-explicit dataset indices.
+fitted once per config on a tiny generated set first, and attacks whose test-time trigger comes from
+the trained model (``needs_model``) are prepared once per config against a tiny untrained CNN;
+per-sample randomness is checked through explicit dataset indices.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from bdray.attacks import (
     poison_dataset,
     triggered_testset,
 )
+from bdray.attacks.common import torch_seed
 from bdray.attacks.patch import BadNet, Blend
 from bdray.data import get_dataset
+from bdray.models import get_model
 
 NUM_CLASSES = 10
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -38,14 +41,20 @@ _FITTED: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def make(name: str, shape: tuple[int, int, int], **overrides) -> Attack:
-    """The attack with its default config plus ``overrides``; fitted (once per config) when it needs it."""
+    """The attack with its default config plus ``overrides``; fitted or prepared (once per config) when it needs it."""
     attack = build_attack({"name": name, **overrides}, image_shape=shape, num_classes=NUM_CLASSES)
-    if attack.needs_fit:
+    if attack.needs_fit or attack.needs_model:
         key = (name, shape, repr(sorted(overrides.items())))
         if key not in _FITTED:
             c, h, _ = shape
             tiny = get_dataset("synthetic", channels=c, image_size=h, train_size=64, test_size=10).train
-            _FITTED[key] = attack.fit(tiny, seed=0).state_dict()
+            if attack.needs_fit:
+                attack.fit(tiny, seed=0)
+            if attack.needs_model:  # the contract only needs *a* model to derive the trigger from
+                with torch_seed(0):
+                    model = get_model("compact_cnn", in_channels=c, num_classes=NUM_CLASSES, image_size=h, width=4)
+                attack.prepare(model, tiny, seed=0)
+            _FITTED[key] = attack.state_dict()
         else:
             attack.load_state_dict(_FITTED[key])
     return attack
