@@ -11,6 +11,12 @@ about 100x by design. B and M' are copies of M here: their cost does not depend 
 
 The deployable filter (``bdray.detect.Filter``: M, B and M' on one batch, labels and verdicts out) is
 timed the same way; its throughput against M alone is ``filter_throughput_vs_M`` (goal >= 0.30).
+So is the filter over shared-prefix experts (``defense.trainable_blocks = k``: B and M' keep M's first
+blocks, which run once per batch): ``filter_shared`` (x forward of M), its throughput against M and
+against the plain filter, and its FLOPs against M's (``filter_shared_flops_vs_M``: 1 + 2 x the last
+k blocks' share of M's FLOPs, where three full passes cost 3).
+
+    python bench/detector_cost.py --trainable-blocks 1                # only the heads differ
 
 Ends with one JSON line: {"bench": "detector_cost", "value": BaDExpert's ratio, "goal": 3.3, ...}.
 """
@@ -31,6 +37,7 @@ from bdray.data import get_dataset
 from bdray.defenses import BaDExpert, BaDExpertConfig, Detector, defense_class
 from bdray.detect import Filter
 from bdray.models import ModelSpec
+from bdray.models.blocks import num_blocks, shared_pass_cost
 from bdray.train import TrainRecipe, fit, predict_proba
 
 
@@ -40,7 +47,7 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=2000, help="inputs scored per timing")
     parser.add_argument("--clean", type=int, default=500, help="defender's clean images (fitting, not timed)")
@@ -49,13 +56,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--strip-n", type=int, default=100)
-    args = parser.parse_args()
+    parser.add_argument("--trainable-blocks", type=int, default=2,
+                        help="k of the shared-prefix filter: B and M' differ from M in their last k blocks")
+    parser.add_argument("--train-size", type=int, default=2000, help="images M is trained on (not timed)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pair = get_dataset("synthetic", num_classes=10, image_size=args.image_size, train_size=2000,
+    pair = get_dataset("synthetic", num_classes=10, image_size=args.image_size, train_size=args.train_size,
                        test_size=args.inputs + args.clean, seed=0)
     spec = ModelSpec(name="compact_cnn", in_channels=1, num_classes=10, image_size=args.image_size,
                      kwargs={"width": args.width})
+    blocks = num_blocks(spec.build())
+    if not 1 <= args.trainable_blocks < blocks:
+        parser.error(f"--trainable-blocks must be in 1..{blocks - 1}: the compact CNN has {blocks} blocks, "
+                     f"and k = {blocks} leaves no prefix to share")
     torch.manual_seed(0)
     # One short epoch so predictions (and AC's clusters) look like a trained model's.
     model = fit(spec.build(), pair.train, TrainRecipe(epochs=1, batch_size=128, lr=0.05), seed=0).eval()
@@ -73,8 +87,15 @@ def main() -> None:
     # The deployable filter (bdray.detect): M, B and M' in one pass per batch, labels + verdicts out.
     screen = Filter(model, copy.deepcopy(model), copy.deepcopy(model), gamma=0.5, threshold=0.0,
                     image_shape=images.shape[1:], device="cpu", batch_size=1000)
+    # The same with shared-prefix experts: copies of M share every block, the filter checks and runs the
+    # first (n - k) blocks once. Costs do not depend on the weights, so copies time what trained ones would.
+    k = args.trainable_blocks
+    shared = Filter(model, copy.deepcopy(model), copy.deepcopy(model), gamma=0.5, threshold=0.0,
+                    image_shape=images.shape[1:], device="cpu", batch_size=1000, trainable_blocks=k)
+    assert shared.shared_blocks == blocks - k  # copies of M: the filter found the prefix identical
     scorers: dict[str, Callable[[np.ndarray], object]] = {name: d.score for name, d in detectors.items()}
     scorers["filter"] = screen
+    scorers["filter_shared"] = shared
     forward = lambda: predict_proba(model, images)  # noqa: E731
     forward()  # warm-up: first-call allocations are not part of either side
     ratios: dict[str, float] = {}
@@ -95,17 +116,24 @@ def main() -> None:
     forward_ms = 1000 * statistics.median(base_ms) / len(images)
     print(f"compact CNN width {args.width}, {args.image_size}x{args.image_size}, {len(images)} inputs, "
           f"{args.threads} thread(s), median of {args.repeats}")
-    print(f"{'':12s}{'ms / input':>12s}{'x forward of M':>16s}")
-    print(f"{'forward M':12s}{forward_ms:12.4f}{1.0:16.2f}")
+    print(f"{'':14s}{'ms / input':>10s}{'x forward of M':>16s}")
+    print(f"{'forward M':14s}{forward_ms:10.4f}{1.0:16.2f}")
     for name in scorers:
-        print(f"{name:12s}{per_input_ms[name]:12.4f}{ratios[name]:16.2f}")
-    print(json.dumps({
+        print(f"{name:14s}{per_input_ms[name]:10.4f}{ratios[name]:16.2f}")
+    flops = shared_pass_cost(model, k, images.shape[1:])
+    print(f"filter_shared: the last {k} of {blocks} blocks differ; FLOPs {flops:.2f}x M's (3.00 unshared)")
+    result = {
         "bench": "detector_cost", "value": round(ratios["badexpert"], 3), "goal": 3.3, "better": "lower",
-        **{k: round(v, 3) for k, v in ratios.items() if k != "badexpert"},
+        **{name: round(v, 3) for name, v in ratios.items() if name != "badexpert"},
         "filter_throughput_vs_M": round(1 / ratios["filter"], 3), "filter_goal": 0.30,
+        "filter_shared_throughput_vs_M": round(1 / ratios["filter_shared"], 3),
+        "filter_shared_speedup_vs_filter": round(ratios["filter"] / ratios["filter_shared"], 3),
+        "filter_shared_flops_vs_M": round(flops, 3), "trainable_blocks": k, "blocks": blocks,
         "forward_ms_per_input": round(forward_ms, 5), "inputs": len(images), "threads": args.threads,
         "strip_n": args.strip_n,
-    }))
+    }
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
