@@ -304,8 +304,9 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         probs = predict_proba(clean_model, poisoned.data.images)
         relabeled = relabel(poisoned.data, flagged, probs)
         poison_idx = poisoned.poison_index
-        summary["relabel_true_rate_poison"] = float((relabeled.labels[poison_idx]
-                                                     == poisoned.true_labels[poison_idx]).mean())
+        summary["relabel_true_rate_poison"] = (  # nan at 0% poison: no poison to relabel
+            float((relabeled.labels[poison_idx] == poisoned.true_labels[poison_idx]).mean())
+            if len(poison_idx) else float("nan"))
         relearn_key = {**ident_key, "relearn": cfg["defense"]["relearn"]}
         relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn, relearn_key, [], seed + 3,
                                    init=clean_path, run_id=run_id)

@@ -85,6 +85,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_results(args: argparse.Namespace) -> int:
+    from bdray.results import load_results, run_results
+
+    config = load_results(args.config, args.set)
+    written = run_results(config, only=args.only, out=args.out, reuse=not args.no_reuse)
+    print(Path(written["path"]).read_text())
+    return 0
+
+
 def _cmd_filter(args: argparse.Namespace) -> int:
     from bdray.detect import filter_from_args
 
@@ -141,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metric", action="append", help="metric to report (repeatable; default: the main ones)")
     rep.add_argument("--x", help="swept field on the plots' x axis (default: the first numeric one)")
     rep.set_defaults(func=_cmd_report)
+    res = sub.add_parser("results", help="build the papers' comparison tables (attacks x defenses) into one report")
+    res.add_argument("config", help="YAML results file (tables of attacks x defenses), e.g. configs/results.yaml")
+    res.add_argument("--only", action="append", default=[], metavar="TABLE", help="run only this table (repeatable)")
+    res.add_argument("--out", help="report path (default: the file's 'out', e.g. docs/results.md)")
+    res.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. tables.detectors.overrides=[data.train_subset=5000]")
+    res.add_argument("--no-reuse", action="store_true", help="recompute every cell and stage")
+    res.set_defaults(func=_cmd_results)
     flt = sub.add_parser("filter", help="screen a shard directory with a saved detector: accepted/rejected shards")
     add_filter_arguments(flt).set_defaults(func=_cmd_filter)
     val = sub.add_parser("validate", help="validate a config without running anything")

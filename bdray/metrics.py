@@ -60,6 +60,22 @@ def tpr_at_fpr(clean_scores: np.ndarray, bd_scores: np.ndarray, fpr: float = 0.0
     return float(tprs[fprs <= fpr + 1e-12].max())
 
 
+def detection_metrics(
+    clean_scores: np.ndarray, bd_scores: np.ndarray, clean_pred: np.ndarray, clean_labels: np.ndarray,
+    bd_pred: np.ndarray, bd_targets: np.ndarray, threshold: float, fpr: float = 0.01,
+) -> dict[str, float]:
+    """Everything a detector in front of M is judged by: its scores on the clean evaluation inputs and
+    on the triggered test inputs, M's predictions on both, and the calibrated threshold."""
+    clean_ok, bd_ok = detection_population(clean_pred, clean_labels, bd_pred, bd_targets)
+    return {
+        "auroc": auroc(clean_scores[clean_ok], bd_scores[bd_ok]),
+        "tpr_at_fpr": tpr_at_fpr(clean_scores[clean_ok], bd_scores[bd_ok], fpr),
+        "fpr": float((clean_scores > threshold).mean()) if len(clean_scores) else float("nan"),
+        "defended_ca": accuracy(clean_pred, clean_labels, clean_scores <= threshold),
+        "defended_asr": accuracy(bd_pred, bd_targets, bd_scores <= threshold),
+    }
+
+
 def gaussian_noise_copy(images: np.ndarray, sigma: float = 0.05, seed: int = 0) -> np.ndarray:
     """The paper's noisy augmentation: uint8 images plus N(0, sigma) noise in [0, 1] units, clamped."""
     rng = np.random.default_rng(seed)

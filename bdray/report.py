@@ -85,9 +85,13 @@ def aggregate(fields: list[str], records: list[dict[str, Any]], metrics: tuple[s
             row[f"{m}_mean"] = float(values.mean()) if len(values) else math.nan
             row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         rows.append(row)
-    rows.sort(key=lambda r: tuple((0, v) if isinstance(v, (int, float)) else (1, str(v)) for v in
-                                  (r[k] for k in keys)))
+    rows.sort(key=lambda r: tuple(_order(r[k]) for k in keys))
     return rows
+
+
+def _order(value: Any) -> tuple[int, Any]:
+    """Numbers first, in order, then anything else (e.g. ``None`` for an unset field) by its text."""
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
 
 
 def to_markdown(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, ...]) -> str:
@@ -123,13 +127,19 @@ def plot(rows: list[dict[str, Any]], x: str, metric: str, keys: list[str]):
     for r in rows:
         lines[tuple(r[k] for k in others)].append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
+    # A swept field with a non-numeric value among numbers (None: the paper's setting) is drawn as categories.
+    values = sorted({r[x] for r in rows}, key=_order)
+    categorical = any(not isinstance(v, (int, float)) for v in values)
+    where = {v: i for i, v in enumerate(values)} if categorical else None
     for label, members in sorted(lines.items(), key=lambda kv: str(kv[0])):
-        members = sorted(members, key=lambda r: r[x])
-        ax.errorbar([r[x] for r in members], [r[f"{metric}_mean"] for r in members],
+        members = sorted(members, key=lambda r: _order(r[x]))
+        ax.errorbar([where[r[x]] if where else r[x] for r in members], [r[f"{metric}_mean"] for r in members],
                     yerr=[r[f"{metric}_std"] for r in members], marker="o", capsize=3,
                     label=", ".join(f"{k}={v}" for k, v in zip(others, label, strict=True)) or metric)
     xs = [r[x] for r in rows if isinstance(r[x], (int, float))]
-    if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
+    if categorical:
+        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in values])
+    elif xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
         ax.set_xscale("log")
     ax.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x} (mean ± std over seeds)")
     ax.grid(alpha=0.3)

@@ -18,7 +18,11 @@ SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_every_shipped_config_validates(path: Path) -> None:
     # Each kind of shipped config goes through the loader that runs it.
     raw = yaml.safe_load(path.read_text())
-    if "space" in raw:
+    if "tables" in raw:
+        from bdray.results import load_results
+
+        load_results(path)
+    elif "space" in raw:
         from bdray.tune import load_sweep
 
         load_sweep(path)
@@ -33,9 +37,9 @@ def test_every_shipped_config_validates(path: Path) -> None:
 BAD = [
     ("data.name", "nope", "data.name: unknown dataset 'nope'; expected one of:"),
     ("attack.name", "badnett",
-     "attack.name: unknown attack 'badnett'; expected one of: adaptive_blend, adaptive_patch, badnet"),
+     "attack.name: unknown attack 'badnett'; expected one of: adaptive_blend, adaptive_patch, badexpert_adap, badnet"),
     ("model.name", "resnet99", "model.name: unknown model 'resnet99'"),
-    ("attack.poison_rate", "0", "attack.poison_rate: Input should be greater than 0"),
+    ("attack.poison_rate", "-0.1", "attack.poison_rate: Input should be greater than or equal to 0"),
     ("attack.poison_rate", "1.5", "attack.poison_rate: Input should be less than 1 (got 1.5)"),
     ("attack.target", "10", "attack.target: 10 is not a class of synthetic (allowed: 0..3)"),
     ("defense.eta", "0", "defense.eta: Input should be greater than 0"),

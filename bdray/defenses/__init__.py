@@ -1,6 +1,14 @@
 from bdray.defenses import badexpert, detectors, poisoned_training, repair, unlearning  # noqa: F401  (registers the defenses)
 from bdray.defenses.badexpert import BaDExpert, BaDExpertConfig, eq3_score
-from bdray.defenses.base import DEFENSES, DefenseConfig, Detector, defense_class, list_defenses, register_defense
+from bdray.defenses.base import (
+    DEFENSES,
+    DefenseConfig,
+    Detector,
+    build_defense,
+    defense_class,
+    list_defenses,
+    register_defense,
+)
 from bdray.defenses.detectors import (
     STRIP,
     ACConfig,
@@ -61,6 +69,7 @@ __all__ = [
     "STRIPConfig",
     "ScaleUp",
     "ScaleUpConfig",
+    "build_defense",
     "build_repair",
     "defense_class",
     "eq3_score",

@@ -147,6 +147,26 @@ class AdvrBDPlusConfig(AdvrBDConfig):
     identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
     premise: PremiseConfig = PremiseConfig(check=True)
 
+    #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
+    #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
+    PLUS_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "enhance": {"clean_fraction": 0.7, "grow_by": "loss"},
+        "identify": {"last_rounds": 3},
+        "premise": {"check": True},
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plus_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section, defaults in cls.PLUS_DEFAULTS.items():
+            given = data.get(section)
+            if isinstance(given, dict):
+                data[section] = {**defaults, **given}
+        return data
+
 
 # -- Algorithm 1: partition by adversarial sensitivity --------------------------------------------
 

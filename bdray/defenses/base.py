@@ -70,3 +70,10 @@ def list_defenses() -> list[str]:
 
 def defense_class(name: str) -> DefenseType:
     return DEFENSES.get(name)
+
+
+def build_defense(config: DefenseConfig | dict) -> Detector:
+    """A detector from its config, or from a plain dict validated into the config its name selects."""
+    if isinstance(config, dict):
+        config = defense_class(str(config["name"])).Config.model_validate(config)
+    return defense_class(config.name)(config)

@@ -92,6 +92,16 @@ def test_registry_and_faithful_defaults() -> None:
     assert plus.identify.last_rounds > 1 and plus.premise.check
 
 
+def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
+    # A config that sets the enhancement budget (rounds, lr) must still run advrbd+'s batch mix.
+    plus = AdvrBDPlusConfig.model_validate({"enhance": {"rounds": 4, "lr": 0.02}, "identify": {}, "premise": {}})
+    assert plus.enhance.rounds == 4 and plus.enhance.lr == 0.02
+    assert plus.enhance.clean_fraction == 0.7 and plus.enhance.grow_by == "loss"
+    assert plus.identify.last_rounds == 3 and plus.premise.check
+    # What a config states explicitly wins.
+    assert AdvrBDPlusConfig.model_validate({"enhance": {"clean_fraction": 0.6}}).enhance.clean_fraction == 0.6
+
+
 def test_config_rejects_a_schedule_that_leaves_nothing_to_learn() -> None:
     with pytest.raises(ValueError, match="leaves nothing to learn"):
         AdvrBDConfig.model_validate({"partition": {"rate": 0.5}, "enhance": {"rounds": 6, "growth": 0.1}})
@@ -106,6 +116,9 @@ def test_shipped_configs_validate(name: str) -> None:
     config = load_advrbd_config(ROOT / "configs" / name)
     plus = load_advrbd_config(ROOT / "configs" / name, ["defense.name=advrbd+"])
     assert config.defense.name == "advrbd" and isinstance(plus.defense, AdvrBDPlusConfig)
+    # The shipped config leaves advrbd+'s changes to it: --set defense.name=advrbd+ runs advrbd+.
+    assert plus.defense.enhance.clean_fraction == AdvrBDPlusConfig().enhance.clean_fraction
+    assert plus.defense.identify.last_rounds == AdvrBDPlusConfig().identify.last_rounds
 
 
 def test_bad_fields_are_reported_with_their_path() -> None:
