@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bdray.config import ConfigError, load_config
 from bdray.detect import add_filter_arguments
@@ -108,9 +109,28 @@ def _cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_any(path: str | Path, overrides: list[str]) -> Any:
+    """Any shipped kind of config through the loader that runs it: a results file (``tables``), a sweep
+    (``space``), or an experiment of whichever defense it names."""
+    from bdray.config import read_yaml
+
+    raw = read_yaml(Path(path))
+    if isinstance(raw, dict) and "tables" in raw:
+        from bdray.results import load_results
+
+        return load_results(path, overrides)
+    if isinstance(raw, dict) and "space" in raw:
+        from bdray.workflows import load_sweep_config
+
+        return load_sweep_config(path, overrides)
+    from bdray.workflows import load_defended
+
+    return load_defended(path, overrides)[1]
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
-    print(json.dumps(config.to_dict(), indent=2) if args.show else f"{args.config}: ok")
+    config = load_any(args.config, args.set)
+    print(json.dumps(config.model_dump(mode="json"), indent=2, default=str) if args.show else f"{args.config}: ok")
     return 0
 
 

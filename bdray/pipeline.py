@@ -91,13 +91,40 @@ def poison_stage(out: Path, config: ExperimentConfig, pair: DatasetPair) -> None
 
 
 def load_attack(path: Path, config: ExperimentConfig, pair: DatasetPair) -> Attack:
-    """The attack of a poison artifact, with its trained parts (if any) loaded from it."""
-    attack = _attack(config, pair)
-    if attack.needs_fit:
-        from safetensors.torch import load_file
+    """The attack of a poison or trigger artifact, with its trained parts (if any) loaded from it.
 
-        attack.load_state_dict(load_file(str(path / "attack.safetensors")))
+    A ``needs_model`` attack's test-time trigger lives in its trigger artifact only: loaded from the
+    poison artifact, the attack poisons training data but refuses to trigger test inputs.
+    """
+    from safetensors.torch import load_file
+
+    attack = _attack(config, pair)
+    state = path / "attack.safetensors"
+    if attack.needs_fit or (attack.needs_model and state.exists()):
+        attack.load_state_dict(load_file(str(state)))
     return attack
+
+
+def trigger_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison_path: Path, model_path: Path,
+                  num_cpus: float) -> None:
+    """``needs_model`` attacks (BaDExpert-Adap): the attacker's test-time trigger, optimized against
+    the trained M with the clean training data the attacker holds."""
+    from safetensors.torch import save_file
+
+    from bdray.models import load_weights
+
+    _set_threads(num_cpus)
+    attack = load_attack(poison_path, config, pair)
+    model = load_weights(model_spec(config, pair).build(), model_path).eval()
+    attack.prepare(model, pair.train, seed=config.seed)
+    save_file(attack.state_dict(), str(out / "attack.safetensors"))
+    (out / "manifest.json").write_text(json.dumps({"attack": attack.metadata(), "seed": config.seed}, indent=2))
+
+
+def trigger_report(path: Path) -> dict[str, float]:
+    """What the trigger stage measured on the attacker's own data, as ``trigger_*`` metrics."""
+    report = json.loads((path / "manifest.json").read_text())["attack"].get("prepare_report") or {}
+    return {f"trigger_{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))}
 
 
 def load_poisoned(path: Path, config: ExperimentConfig, pair: DatasetPair) -> PoisonedSet:
@@ -149,13 +176,16 @@ def train_stage(out: Path, job: TrainJob, config: ExperimentConfig, pair: Datase
 # -- evaluation -----------------------------------------------------------------------------------
 
 
-def eval_inputs(config: ExperimentConfig, pair: DatasetPair, poison_path: Path) -> dict[str, Any]:
-    """The images every model is scored on: held-out calibration, evaluation, triggered, noisy copies."""
+def eval_inputs(config: ExperimentConfig, pair: DatasetPair, attack_path: Path) -> dict[str, Any]:
+    """The images every model is scored on: held-out calibration, evaluation, triggered, noisy copies.
+
+    ``attack_path`` is the artifact whose attack triggers the test inputs: the poison stage's, or the
+    trigger stage's for a ``needs_model`` attack."""
     from bdray.metrics import gaussian_noise_copy
 
     splits = clean_splits(config, pair)
     evaluation = splits.evaluation
-    triggered, src = triggered_testset(evaluation, load_attack(poison_path, config, pair))
+    triggered, src = triggered_testset(evaluation, load_attack(attack_path, config, pair))
     sigma = config.eval.noise_sigma
     return {
         "splits": splits, "triggered": triggered, "src": src,
@@ -170,7 +200,7 @@ def eval_inputs(config: ExperimentConfig, pair: DatasetPair, poison_path: Path) 
     }
 
 
-def predict_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison_path: Path, weights: Path,
+def predict_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, attack_path: Path, weights: Path,
                   num_cpus: float) -> None:
     """Softmax outputs of one model on every evaluation input: computed once per model, so a sweep
     over eta scores M and M' once and only each new expert B afresh."""
@@ -179,13 +209,13 @@ def predict_stage(out: Path, config: ExperimentConfig, pair: DatasetPair, poison
 
     _set_threads(num_cpus)
     model = load_weights(model_spec(config, pair).build(), weights)
-    inputs = eval_inputs(config, pair, poison_path)["images"]
+    inputs = eval_inputs(config, pair, attack_path)["images"]
     np.savez(out / "probs.npz", **{k: predict_proba(model, v, batch_size=config.eval.batch_size).astype(np.float32)
                                    for k, v in inputs.items()})
 
 
 def evaluate(
-    config: ExperimentConfig, pair: DatasetPair, poison_path: Path, model_dir: Path, expert_dir: Path,
+    config: ExperimentConfig, pair: DatasetPair, attack_path: Path, model_dir: Path, expert_dir: Path,
     aux_dir: Path, probs: dict[str, Path], num_cpus: float,
 ) -> dict[str, Any]:
     """Calibrate on held-out clean data and measure everything from the models' saved predictions."""
@@ -198,7 +228,7 @@ def evaluate(
     detector = BaDExpert(config.defense).set_models(
         *(load_weights(spec.build(), d / "model.safetensors") for d in (model_dir, expert_dir, aux_dir))
     )
-    inputs = eval_inputs(config, pair, poison_path)
+    inputs = eval_inputs(config, pair, attack_path)
     evaluation, triggered, src = inputs["splits"].evaluation, inputs["triggered"], inputs["src"]
     p = {who: np.load(path / "probs.npz") for who, path in probs.items()}
     gamma = config.defense.gamma
@@ -418,7 +448,8 @@ def _stages(
 
     progress(f"[2/5] poison: {config.attack.name} at rate {config.attack.poison_rate} (seed {config.seed})")
     poison = report(ray.get(orchestrator().remote(
-        str(store.root), reuse, "poison", {**data_key, "attack": cfg["attack"]}, [], poison_stage, config, pair_ref
+        str(store.root), reuse, "poison", {**data_key, "attack": config.attack.poison_key()}, [], poison_stage, config,
+        pair_ref,
     )))
     if config.model.checkpoint:
         progress(f"[3/5] model: vetting the suspect checkpoint {config.model.checkpoint}")
@@ -441,6 +472,15 @@ def _stages(
             [poison.key], train_stage, job, config, pair_ref, poison.path,
         )))
     model_path = train.path / "model.safetensors"
+    # What triggers the test inputs: the poison artifact's attack, or for an attack whose test-time
+    # trigger is optimized against M, the trigger stage's (keyed by M, so each model gets its own).
+    attack_stage = poison
+    if _attack(config, pair).needs_model:
+        progress(f"      trigger: optimizing {config.attack.name}'s test-time trigger against M")
+        attack_stage = report(ray.get(orchestrator().remote(
+            str(store.root), reuse, "trigger", {"attack": cfg["attack"], "seed": config.seed}, [train.key, poison.key],
+            trigger_stage, config, pair_ref, poison.path, model_path, config.ray.task_cpus,
+        )))
 
     progress("[4/5] expert B and auxiliary M' (side by side)")
     splits = clean_splits(config, pair)
@@ -468,8 +508,8 @@ def _stages(
     model_keys = {"model": train.key, "expert": expert.key, "auxiliary": auxiliary.key}
     refs = {
         who: orchestrator().remote(
-            str(store.root), reuse, "predict", eval_key, [model_keys[who], poison.key], predict_stage,
-            config, pair_ref, poison.path, dirs[who] / "model.safetensors", config.ray.task_cpus,
+            str(store.root), reuse, "predict", eval_key, [model_keys[who], attack_stage.key], predict_stage,
+            config, pair_ref, attack_stage.path, dirs[who] / "model.safetensors", config.ray.task_cpus,
         )
         for who in dirs
     }
@@ -477,12 +517,16 @@ def _stages(
     timings["time_predict"] = sum(r.seconds for r in predicted.values())
     evaluation = ray.get(ray.remote(num_cpus=config.ray.task_cpus, max_retries=0,
                                     scheduling_strategy=_outside_trial())(evaluate).remote(
-        config, pair_ref, poison.path, train.path, expert.path, auxiliary.path,
+        config, pair_ref, attack_stage.path, train.path, expert.path, auxiliary.path,
         {who: r.path for who, r in predicted.items()}, config.ray.task_cpus,
     ))
     keys = {"poison": poison.key, "train": train.key, "expert": expert.key, "auxiliary": auxiliary.key,
             **{f"predict_{who}": r.key for who, r in predicted.items()}}
-    return {**evaluation["metrics"], **timings, "stage_keys": keys}, evaluation, pair
+    extra: dict[str, float] = {}
+    if attack_stage is not poison:
+        keys["trigger"] = attack_stage.key
+        extra = trigger_report(attack_stage.path)
+    return {**evaluation["metrics"], **extra, **timings, "stage_keys": keys}, evaluation, pair
 
 
 def _tags(config: ExperimentConfig) -> dict[str, str]:

@@ -251,7 +251,7 @@ def _detector_cell(
     tmp: Path,
     exp: ExperimentConfig,
     pair: Any,
-    poison_path: Path,
+    attack_path: Path,
     model_path: Path,
     probs_path: Path,
     section: dict[str, Any],
@@ -264,7 +264,7 @@ def _detector_cell(
 
     _set_threads(num_cpus)
     model = load_weights(model_spec(exp, pair).build(), model_path)
-    inputs = eval_inputs(exp, pair, poison_path)
+    inputs = eval_inputs(exp, pair, attack_path)
     splits, triggered = inputs["splits"], inputs["triggered"]
     detector = build_defense(section)
     t0 = time.perf_counter()
@@ -299,7 +299,7 @@ def _repair_cell(
     tmp: Path,
     exp: ExperimentConfig,
     pair: Any,
-    poison_path: Path,
+    attack_path: Path,
     model_path: Path,
     section: dict[str, Any],
     num_cpus: float,
@@ -312,7 +312,7 @@ def _repair_cell(
 
     _set_threads(num_cpus)
     model = load_weights(model_spec(exp, pair).build(), model_path)
-    inputs = eval_inputs(exp, pair, poison_path)
+    inputs = eval_inputs(exp, pair, attack_path)
     splits, triggered = inputs["splits"], inputs["triggered"]
     t0 = time.perf_counter()
     repaired = build_repair(section).fit(model, splits.reserved, seed=exp.seed).repaired_
@@ -388,7 +388,8 @@ def _detection_table(
         stages = store.root
         model_stage = "suspect" if exp.model.checkpoint else "train"
         model_path = stages / model_stage / keys["train"] / "model.safetensors"
-        poison_path = stages / "poison" / keys["poison"]
+        # The inputs are triggered by the trigger stage's attack where there is one (BaDExpert-Adap).
+        attack_path = stages / "trigger" / keys["trigger"] if "trigger" in keys else stages / "poison" / keys["poison"]
         probs_path = stages / "predict" / keys["predict_model"] / "probs.npz"
         row_out: dict[str, Any] = {
             "badexpert": {
@@ -404,6 +405,8 @@ def _detection_table(
                     "defended_asr",
                 )
             }
+            # A trigger optimized against M (BaDExpert-Adap) reports its mask norm, Table 13's "Norm".
+            | ({"mask_l1": summary["trigger_mask_l1"]} if "trigger_mask_l1" in summary else {})
         }
         pair_ref = ray.put(load_data(exp))
         cpus = exp.ray.task_cpus
@@ -414,7 +417,7 @@ def _detection_table(
             "eval": exp.to_dict()["eval"],
             "target_fpr": exp.defense.target_fpr,
         }
-        inputs = [keys["train"], keys["poison"], keys["predict_model"]]
+        inputs = [keys["train"], keys.get("trigger", keys["poison"]), keys["predict_model"]]
         refs = {}
         for label, section in table.detectors.items():
             refs[label] = task.remote(
@@ -426,7 +429,7 @@ def _detection_table(
                 _detector_cell,
                 exp,
                 pair_ref,
-                poison_path,
+                attack_path,
                 model_path,
                 probs_path,
                 section,
@@ -442,7 +445,7 @@ def _detection_table(
                 _repair_cell,
                 exp,
                 pair_ref,
-                poison_path,
+                attack_path,
                 model_path,
                 section,
                 cpus,
@@ -587,37 +590,39 @@ def _mean(values: list[float]) -> float:
 def _detection_markdown(name: str, table: DetectionTable, rows: dict[str, dict[str, Any]], fpr: float) -> list[str]:
     detectors = ["badexpert", *table.detectors]
     head = {"badexpert": "BaDExpert", **{k: v["name"] for k, v in table.detectors.items()}}
+    # Table 13's "Norm" column where a trigger was optimized against M: the mask's L1 norm in pixels.
+    norm = any("mask_l1" in cols["badexpert"] for cols in rows.values())
     lines = [
         f"### {table.title or name}: AUROC (%) of each input detector",
         "",
-        "| attack | M's CA | M's ASR | " + " | ".join(head[d] for d in detectors) + " |",
-        "|---" * (3 + len(detectors)) + "|",
+        "| attack | M's CA | M's ASR | " + ("Norm \\|m\\| | " if norm else "")
+        + " | ".join(head[d] for d in detectors) + " |",
+        "|---" * (3 + norm + len(detectors)) + "|",
     ]
     implanted = {row: cols for row, cols in rows.items() if cols["badexpert"]["model_asr"] >= table.min_asr}
 
     def label(row: str) -> str:
         return row if row in implanted else f"{row} †"
 
+    def cells(values: list[str], mask: str) -> str:
+        return " | ".join([*values[:2], *([mask] if norm else []), *values[2:]])
+
     for row, cols in rows.items():
         be = cols["badexpert"]
-        lines.append(
-            f"| {label(row)} | {_pct(be['model_ca'])} | {_pct(be['model_asr'])} | "
-            + " | ".join(_pct(cols[d].get("auroc")) for d in detectors)
-            + " |"
-        )
-    lines.append(
-        "| **average** | "
-        + " | ".join(
-            _pct(_mean([cols[d][k] for cols in implanted.values()]))
-            for d, k in [("badexpert", "model_ca"), ("badexpert", "model_asr"), *((d, "auroc") for d in detectors)]
-        )
-        + " |"
-    )
+        values = [_pct(be["model_ca"]), _pct(be["model_asr"]), *(_pct(cols[d].get("auroc")) for d in detectors)]
+        mask = f"{be['mask_l1']:.1f}" if "mask_l1" in be else "-"
+        lines.append(f"| {label(row)} | {cells(values, mask)} |")
+    averages = [
+        _pct(_mean([cols[d][k] for cols in implanted.values()]))
+        for d, k in [("badexpert", "model_ca"), ("badexpert", "model_asr"), *((d, "auroc") for d in detectors)]
+    ]
+    lines.append(f"| **average** | {cells(averages, '-')} |")
     if len(implanted) < len(rows):
         lines += [
             "",
-            f"† M's ASR is below {100 * table.min_asr:g}%: the attack did not implant at this budget, so "
-            "the row says little about the detectors and the averages leave it out.",
+            f"† M's ASR is below {100 * table.min_asr:g}%: the backdoor does not fire on these test inputs (the "
+            "attack did not implant at this budget, or an adaptive trigger traded M's ASR for evasion), so the "
+            "row says little about the detectors and the averages leave it out.",
         ]
     repairs = list(table.repairs)
     columns = ["none", *detectors, *repairs]

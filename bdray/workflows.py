@@ -186,7 +186,7 @@ def _stage_keys(config: ExperimentConfig) -> dict[str, Any]:
     cfg = config.to_dict()
     data_key = {"data": cfg["data"], "seed": config.seed}
     return {
-        "poison": {**data_key, "attack": cfg["attack"]},
+        "poison": {**data_key, "attack": config.attack.poison_key()},
         "train": {"model": cfg["model"], "train": cfg["train"], "seed": config.seed},
     }
 

@@ -74,3 +74,31 @@ def test_experiment_end_to_end_with_mlflow_and_stage_reuse(ray_session, smoke_co
     executions = StageStore(Path(config.storage).resolve() / "stages").executions()
     assert sorted(r["stage"] for r in executions) == ["auxiliary", "expert", "poison", "predict", "predict",
                                                        "predict", "train"]
+
+
+def test_needs_model_attack_gets_a_trigger_stage_keyed_by_the_model(ray_session, smoke_config) -> None:
+    from bdray.stages import StageStore
+
+    # BaDExpert-Adap: BadNet poisoning, then a test-time trigger optimized against the trained M.
+    smoke_config["attack"] = {"name": "badexpert_adap", "poison_rate": 0.1, "target": 0, "patch_size": 3,
+                              "steps": 40, "batch_size": 64, "attacker_samples": 300, "eta": 1e-3,
+                              "lambda_1": 3.0, "lambda_2": 0.001}
+    smoke_config["tracking"] = {"enabled": False}
+    config = validate_config(smoke_config)
+    summary = run_experiment(config, progress=lambda _: None)
+    keys = summary["stage_keys"]
+    store = Path(config.storage).resolve() / "stages"
+    assert (store / "trigger" / keys["trigger"] / "attack.safetensors").exists()
+    # prepare's own report travels into the summary (and so into MLflow)
+    assert 0 <= summary["trigger_adaptive_asr_model"] <= 1 and summary["trigger_mask_l1"] > 0
+
+    # Another lambda_1: the poisoned set and M are reused, only the trigger and what it feeds are new.
+    again = run_experiment(config.model_copy(update={"attack": config.attack.model_copy(update={"lambda_1": 0.0})}),
+                           progress=lambda _: None)
+    assert again["stage_keys"]["train"] == keys["train"] and again["stage_keys"]["poison"] == keys["poison"]
+    assert again["stage_keys"]["trigger"] != keys["trigger"]
+    assert again["stage_keys"]["expert"] == keys["expert"]  # B and M' depend on M only
+    # the test inputs were triggered with each run's own trigger
+    assert again["trigger_mask_l1"] != summary["trigger_mask_l1"] and again["auroc"] != summary["auroc"]
+    stages = [r["stage"] for r in StageStore(store).executions()]
+    assert stages.count("train") == 1 and stages.count("poison") == 1 and stages.count("trigger") == 2

@@ -15,6 +15,7 @@ clean samples stay close in the model's latent space (which defeats latent-separ
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ class AdaptivePatchConfig(AttackConfig):
     train_patches: int = Field(2, ge=1, description="patches on each training image (a random subset)")
     alpha: float = Field(1.0, gt=0, le=1, description="patch opacity on training images")
     test_alpha: float | None = Field(None, gt=0, le=1, description="patch opacity at test time (default alpha)")
+    test_time_fields: ClassVar[frozenset[str]] = frozenset({"test_alpha"})
 
     @model_validator(mode="after")
     def _subset(self) -> AdaptivePatchConfig:

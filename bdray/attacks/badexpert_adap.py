@@ -82,6 +82,12 @@ _EPS = 1e-3  # tanh parametrization: initial mask values are kept inside (eps, 1
 class BaDExpertAdapConfig(BadNetConfig):
     """BadNet at training time; Eq. 12's optimized (mask, mark) at test time."""
 
+    # Everything but BadNet's own fields shapes only the test-time trigger: a sweep over the lambdas
+    # reuses the poisoned set and M (the trigger stage is keyed by the whole config).
+    test_time_fields: ClassVar[frozenset[str]] = frozenset(
+        {"lambda_1", "lambda_2", "steps", "lr", "batch_size", "attacker_samples", "eta", "expert", "init"}
+    )
+
     lambda_1: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Eq. 12: weight of the expert's confidence Conf_B'(t|x*)"
     )

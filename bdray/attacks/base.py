@@ -32,6 +32,14 @@ class AttackConfig(BaseModel):
     mode: Literal["all_to_one", "all_to_all"] = "all_to_one"
     seed: int = Field(0, description="seed of the trigger pattern itself (noise, masks)")
 
+    #: Fields that shape only the test-time trigger: the poison stage's key leaves them out, so a sweep
+    #: over them (a lower test opacity, BaDExpert-Adap's lambdas) reuses the poisoned set and its model.
+    test_time_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def poison_key(self) -> dict[str, Any]:
+        """The config as the poisoned training set depends on it (stage keys)."""
+        return self.model_dump(mode="json", exclude=set(self.test_time_fields))
+
 
 class CleanLabelConfig(AttackConfig):
     """Clean-label attacks poison target-class samples and keep their labels: all-to-one only."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -154,6 +154,7 @@ class BadNet(Attack):
 class BlendConfig(AttackConfig):
     alpha: float = Field(0.2, gt=0, le=1)
     test_alpha: float | None = Field(None, gt=0, le=1, description="blend strength at test time (default alpha)")
+    test_time_fields: ClassVar[frozenset[str]] = frozenset({"test_alpha"})
     pattern: str = Field("noise", description="'noise' (seeded uniform noise) or a path to a PNG/JPEG image")
 
     @field_validator("pattern")

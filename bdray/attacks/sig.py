@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -14,6 +15,7 @@ class SIGConfig(CleanLabelConfig):
     poison_rate: float = Field(0.02, ge=0, lt=1, description="BaDExpert A.3: 2% (AdvrBD Table I: 5%)")
     delta: float = Field(20 / 255, gt=0, le=1, description="amplitude; Barni et al.: 20 on the 0-255 scale")
     test_delta: float | None = Field(None, gt=0, le=1, description="amplitude at test time (default delta)")
+    test_time_fields: ClassVar[frozenset[str]] = frozenset({"test_delta"})
     frequency: float = Field(6, gt=0, description="periods across the image width (Barni et al.: 6)")
 
 
