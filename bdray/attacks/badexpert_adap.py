@@ -295,3 +295,25 @@ class BaDExpertAdap(BadNet):
         if self.report_:
             meta["prepare_report"] = {k: (v if math.isfinite(v) else None) for k, v in self.report_.items()}
         return meta
+
+
+class NaturalConfig(BaDExpertAdapConfig):
+    """No poisoning; Eq. 12 without the expert term against the clean model: a class-wise pattern."""
+
+    poison_rate: float = Field(0.0, ge=0, le=0, description="none: the model is trained on clean data only")
+    lambda_1: float = Field(0.0, ge=0, le=0, description="no expert term: the attacker does not target BaDExpert")
+    lambda_2: float = Field(
+        0.01, ge=0, allow_inf_nan=False, description="weight of the mask's L1 norm (Neural Cleanse-style)"
+    )
+    init: Literal["trigger", "random"] = Field("random", description="nothing was planted: a random start")
+
+
+@register_attack("natural")
+class Natural(BaDExpertAdap):
+    """Natural backdoor (Zhao et al., ICLR 2022; BaDExpert Table 5 and C.7.1): a benign model's own
+    class-wise pattern. The training set stays clean; ``prepare`` optimizes a mask and mark that send
+    inputs to the target class through the trained (clean) M, as Eq. 12 does with lambda_1 = 0."""
+
+    Config = NaturalConfig
+    config: NaturalConfig
+    poisons: ClassVar[bool] = False

@@ -70,6 +70,8 @@ class Attack:
     #: True for attacks whose test-time trigger is optimized against the trained (backdoored) model:
     #: ``prepare(model, clean, seed=)`` runs after training and before any ``apply(test=True)``.
     needs_model: ClassVar[bool] = False
+    #: False for attacks that leave the training set clean (a natural backdoor): poison_rate is fixed at 0.
+    poisons: ClassVar[bool] = True
 
     def fit(self, clean: ImageSet, *, seed: int) -> Attack:
         """Train the attack's own parts on data the attacker holds; a no-op for static triggers."""

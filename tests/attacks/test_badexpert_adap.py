@@ -190,3 +190,20 @@ def test_invalid_lambda_names_the_field(field: str, value, message: str, smoke_c
     # the attack's own config says the same without the experiment around it
     with pytest.raises(ValidationError, match=field):
         attack_class("badexpert_adap").Config(name="badexpert_adap", **{field: value})
+
+
+def test_natural_backdoor_poisons_nothing_and_finds_a_pattern_in_the_clean_model(pair) -> None:
+    attack = build_attack({"name": "natural", "target": TARGET, "steps": 200, "batch_size": 64,
+                           "attacker_samples": 300}, image_shape=(1, SIZE, SIZE), num_classes=10)
+    poisoned = poison_dataset(pair.train, attack, seed=0)
+    assert len(poisoned.poison_index) == 0 and np.array_equal(poisoned.data.images, pair.train.images)
+    torch.manual_seed(0)
+    clean = fit(get_model("compact_cnn", in_channels=1, num_classes=10, image_size=SIZE, width=8), poisoned.data,
+                TrainRecipe(epochs=4, batch_size=64, lr=0.05), seed=0).eval()
+    attack.prepare(clean, pair.train, seed=0)
+    triggered, _ = triggered_testset(pair.test, attack)
+    # the benign model's own class-wise pattern sends most inputs to the target, with a partial mask
+    assert target_rate(clean, triggered.images, triggered.labels) > 0.8
+    assert 0 < attack.report_["mask_l1"] < 0.5 * SIZE * SIZE
+    with pytest.raises(ValidationError, match="poison_rate"):
+        attack_class("natural").Config(name="natural", poison_rate=0.01)
