@@ -247,6 +247,17 @@ def _summary_stage(tmp: Path, run: Callable[[], dict[str, Any]]) -> None:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
 
+def _cell_inputs(exp: ExperimentConfig, pair: Any, attack_path: Path, model_path: Path, num_cpus: float) -> tuple:
+    """What every baseline cell sees: the row's M, its clean splits and its triggered test inputs."""
+    from bdray.models import load_weights
+    from bdray.pipeline import _set_threads, eval_inputs, model_spec
+
+    _set_threads(num_cpus)
+    model = load_weights(model_spec(exp, pair).build(), model_path)
+    inputs = eval_inputs(exp, pair, attack_path)
+    return model, inputs["splits"], inputs["triggered"]
+
+
 def _detector_cell(
     tmp: Path,
     exp: ExperimentConfig,
@@ -259,13 +270,8 @@ def _detector_cell(
 ) -> None:
     from bdray import metrics
     from bdray.defenses import build_defense
-    from bdray.models import load_weights
-    from bdray.pipeline import _set_threads, eval_inputs, model_spec
 
-    _set_threads(num_cpus)
-    model = load_weights(model_spec(exp, pair).build(), model_path)
-    inputs = eval_inputs(exp, pair, attack_path)
-    splits, triggered = inputs["splits"], inputs["triggered"]
+    model, splits, triggered = _cell_inputs(exp, pair, attack_path, model_path, num_cpus)
     detector = build_defense(section)
     t0 = time.perf_counter()
     detector.fit(model, splits.reserved, seed=exp.seed)
@@ -306,14 +312,10 @@ def _repair_cell(
 ) -> None:
     from bdray import metrics
     from bdray.defenses.repair import build_repair
-    from bdray.models import load_weights, save_weights
-    from bdray.pipeline import _set_threads, eval_inputs, model_spec
+    from bdray.models import save_weights
     from bdray.train import predict_proba
 
-    _set_threads(num_cpus)
-    model = load_weights(model_spec(exp, pair).build(), model_path)
-    inputs = eval_inputs(exp, pair, attack_path)
-    splits, triggered = inputs["splits"], inputs["triggered"]
+    model, splits, triggered = _cell_inputs(exp, pair, attack_path, model_path, num_cpus)
     t0 = time.perf_counter()
     repaired = build_repair(section).fit(model, splits.reserved, seed=exp.seed).repaired_
     seconds = time.perf_counter() - t0

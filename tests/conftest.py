@@ -23,6 +23,18 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module: CPU kernels reduce in a fixed order (bit-for-bit reruns),
+    and on a shared 2-core machine more threads only add contention to tiny tensors."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def smoke_config(tmp_path: Path) -> dict:
     """configs/smoke.yaml as a dict, with its storage (stage cache + sqlite MLflow) under tmp_path."""

@@ -31,6 +31,8 @@ from bdray.attacks.patch import BadNet, Blend
 from bdray.data import get_dataset
 from bdray.models import get_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 NUM_CLASSES = 10
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -70,15 +72,6 @@ def images_u8(shape: tuple[int, int, int], n: int = 6, seed: int = 0) -> torch.T
 
 def images_f32(shape: tuple[int, int, int], n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).uniform(0, 1, (n, *shape)).astype(np.float32))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: more threads only add contention (10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,12 @@ from bdray.data import get_dataset
 from bdray.models import get_model
 from bdray.train import TrainRecipe, fit, predict_proba
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SIZE = 16
 TARGET = 0
 # Small enough for a loaded 2-core machine; the optimization still converges on this data.
 FAST = {"steps": 60, "batch_size": 64, "attacker_samples": 300, "eta": 1e-3, "poison_rate": 0.1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,9 @@ from bdray.data import get_dataset
 from bdray.models import get_model
 from bdray.train import TrainRecipe, fit
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SHAPE = (1, 28, 28)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,6 @@ def fit_weights(model_spec: ModelSpec, data: ImageSet, recipe: TrainRecipe, seed
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_worker_shards_are_disjoint_and_cover_each_global_batch() -> None:
     one = list(worker_batches(50, 16, seed=3, epoch=1))
     two = [list(worker_batches(50, 16, seed=3, epoch=1, rank=r, world_size=2)) for r in range(2)]

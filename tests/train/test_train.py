@@ -15,15 +15,6 @@ from bdray.train.loop import augment_batch, to_float
 from bdray.train.recipe import freeze_batchnorm_stats
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: CPU kernels then reduce in a fixed order, so runs match bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_data():
     return get_dataset("synthetic", image_size=16, train_size=96, test_size=40, num_classes=4).train
