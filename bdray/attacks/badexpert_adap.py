@@ -87,6 +87,7 @@ class BaDExpertAdapConfig(BadNetConfig):
     test_time_fields: ClassVar[frozenset[str]] = frozenset(
         {"lambda_1", "lambda_2", "steps", "lr", "batch_size", "attacker_samples", "eta", "expert", "init"}
     )
+    poisons_as: ClassVar[str | None] = "badnet"
 
     lambda_1: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Eq. 12: weight of the expert's confidence Conf_B'(t|x*)"
@@ -306,6 +307,7 @@ class NaturalConfig(BaDExpertAdapConfig):
         0.01, ge=0, allow_inf_nan=False, description="weight of the mask's L1 norm (Neural Cleanse-style)"
     )
     init: Literal["trigger", "random"] = Field("random", description="nothing was planted: a random start")
+    poisons_as: ClassVar[str | None] = None  # its set is the clean one, not BadNet's
 
 
 @register_attack("natural")

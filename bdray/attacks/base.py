@@ -35,10 +35,14 @@ class AttackConfig(BaseModel):
     #: Fields that shape only the test-time trigger: the poison stage's key leaves them out, so a sweep
     #: over them (a lower test opacity, BaDExpert-Adap's lambdas) reuses the poisoned set and its model.
     test_time_fields: ClassVar[frozenset[str]] = frozenset()
+    #: The attack whose poisoned set this one's is, bit for bit (BaDExpert-Adap poisons as BadNet does):
+    #: the poison stage's key names it, so both attacks share one poisoned set and one trained model.
+    poisons_as: ClassVar[str | None] = None
 
     def poison_key(self) -> dict[str, Any]:
         """The config as the poisoned training set depends on it (stage keys)."""
-        return self.model_dump(mode="json", exclude=set(self.test_time_fields))
+        key = self.model_dump(mode="json", exclude=set(self.test_time_fields))
+        return {**key, "name": self.poisons_as} if self.poisons_as else key
 
 
 class CleanLabelConfig(AttackConfig):

@@ -105,10 +105,15 @@ def test_same_seed_same_trigger_and_poisoned_set(pair, backdoored, tmp_path: Pat
     x = torch.from_numpy(pair.test.images[:20])
     assert torch.equal(a.apply(x, test=True), loaded.apply(x, test=True))
     assert np.array_equal(triggered_testset(pair.test, a)[0].images, triggered_testset(pair.test, loaded)[0].images)
-    # the poisoned training set is BadNet's: the same bytes before and after prepare
+    # the poisoned training set is BadNet's: the same bytes before and after prepare, and as BadNet's ...
     fresh, prepared = poison_dataset(pair.train, make(), seed=0), poison_dataset(pair.train, a, seed=0)
     assert fresh.data.images.tobytes() == prepared.data.images.tobytes()
     assert np.array_equal(fresh.poison_index, prepared.poison_index)
+    badnet = build_attack({"name": "badnet", "target": TARGET, "poison_rate": FAST["poison_rate"]},
+                          image_shape=(1, SIZE, SIZE), num_classes=10)
+    assert poison_dataset(pair.train, badnet, seed=0).data.images.tobytes() == fresh.data.images.tobytes()
+    # ... so the poison stage's key is BadNet's (one poisoned set, one M), whatever the lambdas
+    assert make(lambda_1=7.0).config.poison_key() == badnet.config.poison_key()
 
 
 # -- (2) Eq. 12 does what it claims ----------------------------------------------------------------
