@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -344,6 +345,12 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def metric_name(text: str) -> str:
+    """A row or column label as MLflow accepts it in a metric name (labels such as 'l1=10 l2=0.5' are
+    free-form): characters outside letters, digits, '_', '-', '.', ' ', ':' and '/' become '_'."""
+    return re.sub(r"[^\w\-. :/]", "_", text)
+
+
 class _Cells:
     """Counts what a run computed and what it found in the stage store."""
 
@@ -537,7 +544,7 @@ def run_results(
                 results[name] = build(name, table, config, store, cells, run.run_id, progress)
                 run.log_metrics(
                     {
-                        f"{name}.{row}.{col}.{k}": v
+                        metric_name(f"{name}.{row}.{col}.{k}"): v
                         for row, cols in results[name].items()
                         for col, values in cols.items()
                         for k, v in values.items()

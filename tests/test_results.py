@@ -162,3 +162,13 @@ def test_report_marks_rows_where_the_attack_did_not_implant(tmp_path):
     # The average covers the implanted row only: 90.0 for BaDExpert and 70.0 for SCALE-UP, not 70.0 / 40.0.
     average = next(line for line in text.splitlines() if line.startswith("| **average** |"))
     assert [c.strip() for c in average.split("|")[2:-1]] == ["90.0", "95.0", "90.0", "90.0", "70.0"]
+
+
+def test_free_form_labels_become_valid_metric_names() -> None:
+    from mlflow.utils.validation import _validate_metric_name
+
+    from bdray.results import metric_name
+
+    name = metric_name("badexpert_adap.l1=10 l2=0.5 (no B' term).badexpert.auroc")
+    assert name == "badexpert_adap.l1_10 l2_0.5 _no B_ term_.badexpert.auroc"
+    _validate_metric_name(name)  # raises on a name MLflow refuses
