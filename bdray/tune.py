@@ -314,8 +314,16 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = True, progress: ProgressFn =
     from bdray.pipeline import ensure_ray
     from bdray.tracking import Tracker
 
+    # Trials run in Tune's actors, whose working directory is not the driver's: a relative storage
+    # (the default '.bdray') would give every trial a stage store and an MLflow database of its own,
+    # so nothing would be reused and the parent run would show no children. Resolve it here, where
+    # the user means it, and keep the actors in their usual working directory (Tune would chdir each
+    # into its trial folder) so other relative paths (data.root, model.checkpoint) mean what they
+    # mean for `bdray run`.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    storage = Path(validate_config(sweep.base_raw).storage).resolve()
+    sweep = sweep.model_copy(update={"base_raw": {**sweep.base_raw, "storage": str(storage)}})
     base = validate_config(sweep.base_raw)
-    storage = Path(base.storage).resolve()
     sweep_dir = storage / "sweeps" / f"{sweep.name}-{sweep.key()}"
     ledger = sweep_dir / "trials"
     if not resume and ledger.exists():

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = ROOT / "configs" / "sweeps" / "smoke_eta.yaml"
 
 
-def write_sweep(tmp_path: Path, **changes) -> Path:
+def write_sweep(tmp_path: Path, storage: str | None = None, **changes) -> Path:
     raw = yaml.safe_load(SMOKE_SWEEP.read_text())
     raw["base"] = str(ROOT / "configs" / "smoke.yaml")
-    raw.setdefault("overrides", {})["storage"] = str(tmp_path / "store")
+    raw.setdefault("overrides", {})["storage"] = storage or str(tmp_path / "store")
     for key, value in changes.items():
         if value is None:
             raw.pop(key, None)
@@ -90,14 +90,17 @@ def executions(store: Path) -> Counter:
 
 
 @pytest.mark.slow
-def test_sweep_nests_trials_reuses_stages_and_resumes(ray_session, tmp_path: Path) -> None:
+def test_sweep_nests_trials_reuses_stages_and_resumes(ray_session, tmp_path: Path, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
 
     from bdray.report import write_report
     from bdray.tune import run_sweep
 
     etas = [5e-4, 1e-3, 2e-3]
-    path = write_sweep(tmp_path, space={"defense.eta": {"grid": etas}, "seed": {"grid": [0]}})
+    # A relative storage, as the shipped configs have it: it means the folder the sweep is started in,
+    # for the trials (which run in Tune's actors, elsewhere) as much as for the driver.
+    path = write_sweep(tmp_path, storage="store", space={"defense.eta": {"grid": etas}, "seed": {"grid": [0]}})
+    monkeypatch.chdir(tmp_path)
     store = tmp_path / "store"
     # First attempt in a separate process, killed (process group) once its first trial has finished.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
