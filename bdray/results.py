@@ -243,9 +243,16 @@ def _experiment_key(config: Any) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in ("tracking", "ray", "storage")}
 
 
-def _summary_stage(tmp: Path, run: Callable[[], dict[str, Any]]) -> None:
-    summary = run()
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+def _summary_cell(store: Any, cells: _Cells, stage: str, exp: Any, run: Callable[..., dict[str, Any]],
+                  progress: ProgressFn, parent_run_id: str | None) -> dict[str, Any]:
+    """A row's whole experiment (``run``: BaDExpert's or AdvrBD's) as one stage; its summary."""
+
+    def compute(tmp: Path) -> None:
+        summary = run(exp, reuse=store.reuse, progress=progress, parent_run_id=parent_run_id)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+
+    result = cells.note(store.run(stage, _experiment_key(exp), [], compute))
+    return json.loads((result.path / "summary.json").read_text())
 
 
 def _cell_inputs(exp: ExperimentConfig, pair: Any, attack_path: Path, model_path: Path, num_cpus: float) -> tuple:
@@ -382,17 +389,7 @@ def _detection_table(
     out: dict[str, dict[str, Any]] = {}
     for i, (row, exp) in enumerate(config.rows[name].items(), 1):
         progress(f"[{name} {i}/{len(table.attacks)}] {row}: BaDExpert")
-        result = cells.note(
-            store.run(
-                "results_badexpert",
-                _experiment_key(exp),
-                [],
-                lambda tmp, exp=exp: _summary_stage(
-                    tmp, lambda: run_experiment(exp, reuse=store.reuse, progress=progress, parent_run_id=parent_run_id)
-                ),
-            )
-        )
-        summary = json.loads((result.path / "summary.json").read_text())
+        summary = _summary_cell(store, cells, "results_badexpert", exp, run_experiment, progress, parent_run_id)
         keys = summary["stage_keys"]
         stages = store.root
         model_stage = "suspect" if exp.model.checkpoint else "train"
@@ -482,17 +479,7 @@ def _poisoned_training_table(
     total = len(config.rows[name])
     for i, ((attack, label), exp) in enumerate(config.rows[name].items(), 1):
         progress(f"[{name} {i}/{total}] {attack}: {label}")
-        result = cells.note(
-            store.run(
-                "results_poisoned_training",
-                _experiment_key(exp),
-                [],
-                lambda tmp, exp=exp: _summary_stage(
-                    tmp, lambda: run_advrbd(exp, reuse=store.reuse, progress=progress, parent_run_id=parent_run_id)
-                ),
-            )
-        )
-        summary = json.loads((result.path / "summary.json").read_text())
+        summary = _summary_cell(store, cells, "results_poisoned_training", exp, run_advrbd, progress, parent_run_id)
         out.setdefault(attack, {})[label] = {k: v for k, v in summary.items() if isinstance(v, int | float)}
     return out
 
