@@ -65,6 +65,11 @@ class DetectionTable(Strict):
     attacks: dict[str, dict[str, Any]] = Field(min_length=1, description="row label -> attack section")
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict, description="column -> detector section")
     repairs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="column -> repair section")
+    eval_subset: dict[str, Annotated[int, Field(ge=100)]] = Field(
+        default_factory=dict,
+        description="detector column -> how many clean and how many triggered evaluation inputs it is scored on "
+        "(a seeded random draw of each; for detectors that cost many forward passes per input, e.g. STRIP's 100)",
+    )
     min_asr: float = Field(
         0.5,
         ge=0,
@@ -218,6 +223,14 @@ def validate_results(raw: Mapping[str, Any], source: str = "results", base_dir: 
         if isinstance(table, DetectionTable):
             _check_sections(f"tables.{name}.detectors", table.detectors, defense_class, errors)
             _check_sections(f"tables.{name}.repairs", table.repairs, repair_class, errors)
+            errors.extend(
+                (
+                    f"tables.{name}.eval_subset.{k}",
+                    f"not a detector column of this table; it has {list(table.detectors)}",
+                )
+                for k in table.eval_subset
+                if k not in table.detectors
+            )
             for row, attack in table.attacks.items():
                 rows[name][row] = _row_config(config, name, table, base_dir, row, attack, None, None, errors)
         else:
@@ -243,8 +256,15 @@ def _experiment_key(config: Any) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in ("tracking", "ray", "storage")}
 
 
-def _summary_cell(store: Any, cells: _Cells, stage: str, exp: Any, run: Callable[..., dict[str, Any]],
-                  progress: ProgressFn, parent_run_id: str | None) -> dict[str, Any]:
+def _summary_cell(
+    store: Any,
+    cells: _Cells,
+    stage: str,
+    exp: Any,
+    run: Callable[..., dict[str, Any]],
+    progress: ProgressFn,
+    parent_run_id: str | None,
+) -> dict[str, Any]:
     """A row's whole experiment (``run``: BaDExpert's or AdvrBD's) as one stage; its summary."""
 
     def compute(tmp: Path) -> None:
@@ -275,11 +295,21 @@ def _detector_cell(
     probs_path: Path,
     section: dict[str, Any],
     num_cpus: float,
+    subset: int | None = None,
 ) -> None:
     from bdray import metrics
     from bdray.defenses import build_defense
 
     model, splits, triggered = _cell_inputs(exp, pair, attack_path, model_path, num_cpus)
+    probs = np.load(probs_path)
+    evaluation, clean_pred, bd_pred = splits.evaluation, probs["clean"].argmax(1), probs["triggered"].argmax(1)
+    if subset is not None:
+        # The same draw for every detector with the same size and seed, independent of the detector.
+        rng = np.random.default_rng([exp.seed, subset])
+        ci = np.sort(rng.permutation(len(evaluation))[:subset])
+        ti = np.sort(rng.permutation(len(triggered))[:subset])
+        evaluation, clean_pred = evaluation.subset(ci), clean_pred[ci]
+        triggered, bd_pred = triggered.subset(ti), bd_pred[ti]
     detector = build_defense(section)
     t0 = time.perf_counter()
     detector.fit(model, splits.reserved, seed=exp.seed)
@@ -287,20 +317,14 @@ def _detector_cell(
     fpr = exp.defense.target_fpr
     detector.calibrate(splits.calibration, fpr)
     t0 = time.perf_counter()
-    clean_s, bd_s = detector.score(splits.evaluation.images), detector.score(triggered.images)
+    clean_s, bd_s = detector.score(evaluation.images), detector.score(triggered.images)
     score_seconds = time.perf_counter() - t0
-    probs = np.load(probs_path)
     out = metrics.detection_metrics(
-        clean_s,
-        bd_s,
-        probs["clean"].argmax(1),
-        splits.evaluation.labels,
-        probs["triggered"].argmax(1),
-        triggered.labels,
-        detector.threshold_,
-        fpr,
+        clean_s, bd_s, clean_pred, evaluation.labels, bd_pred, triggered.labels, detector.threshold_, fpr
     )
     out |= {
+        "num_eval_clean": len(clean_s),
+        "num_eval_triggered": len(bd_s),
         "threshold": detector.threshold_,
         "time_fit": fit_seconds,
         "seconds_per_input": score_seconds / max(1, len(clean_s) + len(bd_s)),
@@ -426,11 +450,12 @@ def _detection_table(
         inputs = [keys["train"], keys.get("trigger", keys["poison"]), keys["predict_model"]]
         refs = {}
         for label, section in table.detectors.items():
+            subset = table.eval_subset.get(label)
             refs[label] = task.remote(
                 str(store.root),
                 store.reuse,
                 "results_detector",
-                {**base_key, "detector": section},
+                {**base_key, "detector": section, **({"eval_subset": subset} if subset else {})},
                 inputs,
                 _detector_cell,
                 exp,
@@ -440,6 +465,7 @@ def _detection_table(
                 probs_path,
                 section,
                 cpus,
+                subset,
             )
         for label, section in table.repairs.items():
             refs[label] = task.remote(
@@ -548,13 +574,14 @@ def run_results(
                 "mlflow_run_id": run.run_id,
                 "experiment": config.name,
             }
-            text = to_markdown(config, results, meta)
+            target = Path(out) if out is not None else Path(config.source).parent / config.out
+            previous = target.read_text() if only and target.is_file() else None
+            text = to_markdown(config, results, meta, previous)
             run.log_text(text, "results.md")
             run.log_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float), "results.json")
     finally:
         if started_here:
             ray.shutdown()
-    target = Path(out) if out is not None else Path(config.source).parent / config.out
     from bdray.atomic import atomic_write
 
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
@@ -585,14 +612,19 @@ def _mean(values: list[float]) -> float:
 
 def _detection_markdown(name: str, table: DetectionTable, rows: dict[str, dict[str, Any]], fpr: float) -> list[str]:
     detectors = ["badexpert", *table.detectors]
-    head = {"badexpert": "BaDExpert", **{k: v["name"] for k, v in table.detectors.items()}}
+    head = {
+        "badexpert": "BaDExpert",
+        **{k: v["name"] + " ‡" * (k in table.eval_subset) for k, v in table.detectors.items()},
+    }
     # Table 13's "Norm" column where a trigger was optimized against M: the mask's L1 norm in pixels.
     norm = any("mask_l1" in cols["badexpert"] for cols in rows.values())
     lines = [
         f"### {table.title or name}: AUROC (%) of each input detector",
         "",
-        "| attack | M's CA | M's ASR | " + ("Norm \\|m\\| | " if norm else "")
-        + " | ".join(head[d] for d in detectors) + " |",
+        "| attack | M's CA | M's ASR | "
+        + ("Norm \\|m\\| | " if norm else "")
+        + " | ".join(head[d] for d in detectors)
+        + " |",
         "|---" * (3 + norm + len(detectors)) + "|",
     ]
     implanted = {row: cols for row, cols in rows.items() if cols["badexpert"]["model_asr"] >= table.min_asr}
@@ -613,6 +645,13 @@ def _detection_markdown(name: str, table: DetectionTable, rows: dict[str, dict[s
         for d, k in [("badexpert", "model_ca"), ("badexpert", "model_asr"), *((d, "auroc") for d in detectors)]
     ]
     lines.append(f"| **average** | {cells(averages, '-')} |")
+    if table.eval_subset:
+        lines += [
+            "",
+            "‡ Scored on a seeded random draw of "
+            + ", ".join(f"{n:,} clean and {n:,} triggered inputs ({k})" for k, n in table.eval_subset.items())
+            + " of the evaluation set, for its cost (forward passes per input); the other columns see all of it.",
+        ]
     if len(implanted) < len(rows):
         lines += [
             "",
@@ -707,22 +746,51 @@ def _poisoned_training_markdown(name: str, table: PoisonedTrainingTable, rows: d
     return lines
 
 
-def to_markdown(config: ResultsConfig, results: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    lines = [
-        "# Results",
-        "",
+# Each table is its own section, headed by a marker line, so that `--only NAME` can replace that
+# section and keep the others: on a small machine the tables come from separate runs of the same file.
+_SECTION = re.compile(r"^<!-- bdray results table: (.+?) -->$", re.M)
+
+
+def report_sections(text: str) -> dict[str, str]:
+    """The sections of a report written by :func:`to_markdown`, by table name (a file without markers has none)."""
+    marks = list(_SECTION.finditer(text))
+    ends = [m.start() for m in marks[1:]] + [len(text)] * bool(marks)
+    return {m.group(1): text[m.start() : end].strip() for m, end in zip(marks, ends, strict=True)}
+
+
+def _provenance(meta: Mapping[str, Any]) -> str:
+    return (
         f"Written by `{meta['command']}` on {meta['date']} (git {meta['git_commit']}), "
         f"{meta['seconds'] / 60:.0f} min; {meta['computed']} cells computed by this run, {meta['reused']} found in "
-        "the stage store (the same config and inputs computed by an earlier, interrupted run of the same command). "
-        f"MLflow: experiment `{meta['experiment']}`, parent run `{meta['mlflow_run_id']}`, one child run per row.",
-        "Do not edit by hand: rerun the command.",
-    ]
+        "the stage store (the same config and inputs computed by an earlier, interrupted run). "
+        f"MLflow: experiment `{meta['experiment']}`, parent run `{meta['mlflow_run_id']}`, one child run per row."
+    )
+
+
+def to_markdown(
+    config: ResultsConfig, results: Mapping[str, Any], meta: Mapping[str, Any], previous: str | None = None
+) -> str:
+    """The report: one section per table in this run, plus the sections of ``previous`` (the file
+    being replaced) for the results file's other tables, in the results file's order."""
+    sections = {n: s for n, s in report_sections(previous or "").items() if n in config.tables}
     for name, rows in results.items():
         table = config.tables[name]
-        lines.append("")
+        lines = [f"<!-- bdray results table: {name} -->", f"## {table.title or name}", "", _provenance(meta), ""]
         if isinstance(table, DetectionTable):
             fpr = next(iter(config.rows[name].values())).defense.target_fpr
             lines += _detection_markdown(name, table, rows, fpr)
         else:
             lines += _poisoned_training_markdown(name, table, rows)
-    return "\n".join(lines) + "\n"
+        sections[name] = "\n".join(lines).strip()
+    missing = [n for n in config.tables if n not in sections]
+    head = [
+        "# Results",
+        "",
+        f"Every table of `{config.source}`, each written by the command named under its title, every number "
+        "in a table from that run. `--only NAME` replaces that table's section and keeps the others. "
+        "Do not edit by hand: rerun the command.",
+    ]
+    if missing:
+        head.append(f"Not yet run: {', '.join(missing)}.")
+    body = [sections[n] for n in config.tables if n in sections]
+    return "\n\n".join(["\n".join(head), *body]) + "\n"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from bdray.cli import main
 from bdray.config import ConfigError
-from bdray.results import load_results, run_results, validate_results
+from bdray.results import load_results, report_sections, run_results, to_markdown, validate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ DETECTION = {
         "blend": {"name": "blend", "poison_rate": 0.1, "alpha": 0.2},
     },
     "detectors": {"strip": {"name": "strip", "n": 20}, "scale_up": {"name": "scale_up"}},
+    "eval_subset": {"strip": 150},
     "repairs": {"finetune": {"name": "finetune", "recipe": {"epochs": 1, "batch_size": 64, "lr": 0.01}}},
 }
 POISONED = {
@@ -88,6 +89,11 @@ def test_a_table_of_unknown_kind_or_a_missing_base_is_refused(tmp_path):
         validate_results({"tables": {"t": {**DETECTION, "base": "missing.yaml"}}}, base_dir=tmp_path)
 
 
+def test_eval_subset_must_name_a_detector_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"tables\.det\.eval_subset\.nc: not a detector column"):
+        load_results(_results_file(tmp_path, {"det": {**DETECTION, "eval_subset": {"nc": 500}}}))
+
+
 def test_only_must_name_a_table(tmp_path):
     config = load_results(_results_file(tmp_path, {"det": DETECTION}))
     with pytest.raises(ConfigError, match="no table named 'nope'"):
@@ -102,6 +108,9 @@ def test_tables_from_one_run_logged_to_mlflow_and_resumable(tmp_path, ray_sessio
     results, meta = written["results"], written["meta"]
     det = results["det"]
     assert set(det) == {"badnet", "blend"}
+    # STRIP is scored on a seeded draw of 150 clean and 150 triggered inputs, SCALE-UP on all of them.
+    assert det["badnet"]["strip"]["num_eval_clean"] == det["badnet"]["strip"]["num_eval_triggered"] == 150
+    assert det["badnet"]["scale_up"]["num_eval_clean"] == 300 < det["badnet"]["scale_up"]["num_eval_triggered"] + 150
     for row in det.values():
         assert set(row) == {"badexpert", "strip", "scale_up", "finetune"}
         for cell in (row["badexpert"], row["strip"], row["scale_up"]):
@@ -140,13 +149,17 @@ def test_tables_from_one_run_logged_to_mlflow_and_resumable(tmp_path, ray_sessio
     assert main(["results", str(path), "--only", "det", "--out", str(tmp_path / "again.md")]) == 0
     again = (tmp_path / "again.md").read_text()
     assert "0 cells computed by this run, 8 found" in again
-    tables = lambda report: [t.strip() for t in report.split("### adv")[0].split("### det")[1:]]  # noqa: E731
-    assert tables(again) == tables(text)
+    # Written to a fresh file, `--only det` holds det's section alone, with the same numbers.
+    table = lambda report: report_sections(report)["det"].split("### ", 1)[1]  # noqa: E731
+    assert set(report_sections(again)) == {"det"} and table(again) == table(text)
+    # Into an existing report, it replaces det's section and keeps adv's as it was.
+    assert main(["results", str(path), "--only", "det", "--out", str(written["path"])]) == 0
+    merged = report_sections(Path(written["path"]).read_text())
+    assert list(merged) == ["det", "adv"] and merged["adv"] == report_sections(text)["adv"]
+    assert "0 cells computed by this run" in merged["det"] and table(merged["det"]) == table(text)
 
 
 def test_report_marks_rows_where_the_attack_did_not_implant(tmp_path):
-    from bdray.results import to_markdown
-
     config = load_results(_results_file(tmp_path, {"det": {**DETECTION, "repairs": {}}}))
     cell = {"auroc": 0.9, "defended_ca": 0.8, "defended_asr": 0.1}
     results = {"det": {
@@ -172,3 +185,21 @@ def test_free_form_labels_become_valid_metric_names() -> None:
     name = metric_name("badexpert_adap.l1=10 l2=0.5 (no B' term).badexpert.auroc")
     assert name == "badexpert_adap.l1_10 l2_0.5 _no B_ term_.badexpert.auroc"
     _validate_metric_name(name)  # raises on a name MLflow refuses
+
+
+def test_a_partial_run_replaces_its_own_section_and_keeps_the_others(tmp_path):
+    config = load_results(_results_file(tmp_path, {"det": {**DETECTION, "repairs": {}}, "adv": POISONED}))
+    cell = {"auroc": 0.9, "defended_ca": 0.8, "defended_asr": 0.1, "model_ca": 0.9, "model_asr": 0.95}
+    meta = {"command": "bdray results x --only det", "date": "d1", "git_commit": "c", "seconds": 60, "computed": 1,
+            "reused": 0, "mlflow_run_id": "run1", "experiment": "e"}
+    first = to_markdown(config, {"det": {"badnet": {"badexpert": cell, "strip": cell, "scale_up": cell}}}, meta)
+    assert list(report_sections(first)) == ["det"] and "Not yet run: adv." in first
+    # A stale section of a table the results file no longer has is dropped; det's is replaced.
+    stale = first + "\n<!-- bdray results table: gone -->\n## gone\n"
+    again = to_markdown(
+        config, {"det": {"badnet": {"badexpert": {**cell, "auroc": 0.5}, "strip": cell, "scale_up": cell}}},
+        {**meta, "mlflow_run_id": "run2"}, previous=stale,
+    )
+    sections = report_sections(again)
+    assert list(sections) == ["det"] and "run2" in sections["det"] and "run1" not in again
+    assert "| badnet | 90.0 | 95.0 | 50.0 |" in sections["det"]
