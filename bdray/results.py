@@ -748,7 +748,8 @@ def _poisoned_training_markdown(name: str, table: PoisonedTrainingTable, rows: d
 
 # Each table is its own section, headed by a marker line, so that `--only NAME` can replace that
 # section and keep the others: on a small machine the tables come from separate runs of the same file.
-_SECTION = re.compile(r"^<!-- bdray results table: (.+?) -->$", re.M)
+_MARK = "<!-- bdray results table: {} -->"
+_SECTION = re.compile("^" + re.escape(_MARK).replace(r"\{\}", "(.+?)") + "$", re.M)
 
 
 def report_sections(text: str) -> dict[str, str]:
@@ -775,7 +776,7 @@ def to_markdown(
     sections = {n: s for n, s in report_sections(previous or "").items() if n in config.tables}
     for name, rows in results.items():
         table = config.tables[name]
-        lines = [f"<!-- bdray results table: {name} -->", f"## {table.title or name}", "", _provenance(meta), ""]
+        lines = [_MARK.format(name), f"## {table.title or name}", "", _provenance(meta), ""]
         if isinstance(table, DetectionTable):
             fpr = next(iter(config.rows[name].values())).defense.target_fpr
             lines += _detection_markdown(name, table, rows, fpr)
