@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError
 
+from bdray.atomic import atomic_write
 from bdray.attacks import AttackConfig, attack_class, build_attack, poison_dataset, triggered_testset
 from bdray.config import ConfigError, Strict, TrackingConfig, apply_overrides, read_yaml
 from bdray.data import DatasetPair, get_dataset
@@ -35,6 +36,7 @@ from bdray.defenses.advrbd import (
     AdvrBDConfig,
     GroundTruth,
     PoisonedTrainingConfig,
+    RelabelConfig,
     RoundRecord,
     choose_seed_set,
     evaluate_model,
@@ -210,12 +212,12 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
     model_key = {"model": cfg["model"], "recipe": cfg["defense"]["train"]}
 
     def train_stage(stage: str, data, recipe, key: dict[str, Any], inputs: list[str], train_seed: int,
-                    init: Path | None = None, run_id: str | None = None) -> Path:
+                    init: Path | None = None, run_id: str | None = None, prefix: str | None = None) -> Path:
         def compute(tmp: Path) -> None:
             result = train_model(spec, data, recipe, seed=train_seed, scaling=config.ray.train,
                                  storage_path=ray_storage, name=f"advrbd-{stage}-{tmp.name.split('.')[1]}",
                                  out=tmp, init_weights=init, mlflow_uri=config.tracking_uri() if run_id else None,
-                                 mlflow_run_id=run_id, metric_prefix=f"{stage}_", resume=reuse)
+                                 mlflow_run_id=run_id, metric_prefix=prefix or f"{stage}_", resume=reuse)
             (tmp / "history.json").write_text(json.dumps(result.history))
 
         started = time.perf_counter()
@@ -298,18 +300,38 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         clean_path = train_stage("advrbd_clean_train", clean_set, defense.clean_train, ident_key, [], seed + 2,
                                  run_id=run_id)
 
-        progress("[7/8] relabel the suspected poisons and relearn")
+        rounds = defense.relabel.rounds
+        progress(f"[7/8] relabel the suspected poisons ({defense.relabel.rule}) and relearn, {rounds} round(s)")
         torch.set_num_threads(max(1, int(config.ray.train.cpus_per_worker)))
-        clean_model = load_weights(spec.build(), clean_path)
-        probs = predict_proba(clean_model, poisoned.data.images)
-        relabeled = relabel(poisoned.data, flagged, probs)
         poison_idx = poisoned.poison_index
-        summary["relabel_true_rate_poison"] = (  # nan at 0% poison: no poison to relabel
-            float((relabeled.labels[poison_idx] == poisoned.true_labels[poison_idx]).mean())
-            if len(poison_idx) else float("nan"))
         relearn_key = {**ident_key, "relearn": cfg["defense"]["relearn"]}
-        relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn, relearn_key, [], seed + 3,
-                                   init=clean_path, run_id=run_id)
+        if cfg["defense"]["relabel"] != RelabelConfig().model_dump(mode="json"):
+            relearn_key["relabel"] = cfg["defense"]["relabel"]  # the paper's rule keeps its earlier keys
+        relearn_path, relearn_rounds = clean_path, []
+        for r in range(rounds):
+            probs = predict_proba(load_weights(spec.build(), relearn_path), poisoned.data.images)
+            relabeled = relabel(poisoned.data, flagged, probs, defense.relabel)
+            # nan at 0% poison: no poison to relabel. 'kept' poisons still carry the attacker's label.
+            true_rate, kept_rate = ((float((relabeled.labels[poison_idx] == poisoned.true_labels[poison_idx]).mean()),
+                                     float((relabeled.labels[poison_idx] == poisoned.data.labels[poison_idx]).mean()))
+                                    if len(poison_idx) else (float("nan"), float("nan")))
+            relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn,
+                                       relearn_key if r == 0 else {**relearn_key, "round": r}, [], seed + 3 + r,
+                                       init=relearn_path, run_id=run_id,
+                                       prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
+            record = {"round": r, "relabeled": int((relabeled.labels != poisoned.data.labels).sum()),
+                      "relabel_true_rate_poison": true_rate, "relabel_kept_rate_poison": kept_rate,
+                      **evaluate_model(load_weights(spec.build(), relearn_path), truth)}
+            relearn_rounds.append(record)
+            if run is not None:
+                run.log_metrics({f"relearn_round_{k}": float(v) for k, v in record.items()
+                                 if k != "round" and v == v}, step=r)
+            poisons = f"{100 * true_rate:.1f}% of poisons to their true class" if len(poison_idx) else "no poisons"
+            progress(f"      relearn round {r}: {record['relabeled']} relabeled ({poisons}), ACC/ASR "
+                     f"{100 * record['acc']:.2f}/{100 * record['asr']:.2f}")
+        summary["relabel_true_rate_poison"] = relearn_rounds[-1]["relabel_true_rate_poison"]
+        summary["relabel_kept_rate_poison"] = relearn_rounds[-1]["relabel_kept_rate_poison"]
+        summary["relabeled"] = relearn_rounds[-1]["relabeled"]
 
         progress("[8/8] evaluate")
         models = {"no_defense": poison_model_path, "clean_model": clean_ref_path, "enhanced": enhanced.model_path,
@@ -321,6 +343,7 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         summary["time_total"] = time.perf_counter() - t0
         summary["num_train"], summary["num_poison"] = len(poisoned.data), len(poisoned.poison_index)
         summary["rounds"] = [{"round": r.round, **r.stats} for r in enhanced.records]
+        summary["relearn_rounds"] = relearn_rounds
         summary["mlflow_run_id"] = run_id
         if run is not None:
             run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v == v})
@@ -330,6 +353,9 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        # What a user acts on: the training-set indices identified as poisoned, and the labels relearned.
+        for name, array in (("suspected_poison", np.flatnonzero(flagged)), ("relabeled_labels", relabeled.labels)):
+            atomic_write(Path(out) / f"{name}.npy", lambda tmp, a=array: _save_npy(tmp, a))
     return summary
 
 
@@ -393,6 +419,11 @@ def _run_baseline(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bo
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
+        np.save(f, array)
 
 
 def _mask_digest(mask: np.ndarray) -> str:

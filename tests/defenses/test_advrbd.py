@@ -22,6 +22,7 @@ from bdray.defenses.advrbd import (
     EnhanceConfig,
     IdentifyConfig,
     PartitionConfig,
+    RelabelConfig,
     RoundRecord,
     choose_seed_set,
     draw_masks_and_starts,
@@ -33,6 +34,7 @@ from bdray.defenses.advrbd import (
     partition_scores,
     partition_scores_loop,
     premise_check,
+    relabel,
     round_batches,
     top_fraction,
     unlearn_loss,
@@ -90,6 +92,8 @@ def test_registry_and_faithful_defaults() -> None:
     assert faithful.identify.last_rounds == 1 and faithful.enhance.grow_by == "partition"
     assert faithful.enhance.clean_fraction == 0.5 and not faithful.premise.check
     assert plus.identify.last_rounds > 1 and plus.premise.check
+    assert faithful.relabel.rule == "argmax" and faithful.relabel.rounds == 1
+    assert plus.relabel.rule == "plausible" and plus.relabel.rounds > 1
 
 
 def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
@@ -254,6 +258,22 @@ def test_identification_rule_and_metrics() -> None:
     assert m["fpr"] == pytest.approx(0.5) and m["f1"] == pytest.approx(0.4) and m["leaked"] == 1
 
 
+def test_plausible_relabel_changes_only_flagged_labels_the_model_rejects() -> None:
+    from bdray.data.base import ImageSet
+
+    data = ImageSet(np.zeros((4, 1, 2, 2), np.uint8), np.array([0, 0, 1, 2]), num_classes=3)
+    flagged = np.array([True, True, False, True])
+    probs = np.array([[0.30, 0.60, 0.10],   # flagged, given label plausible: kept by 'plausible'
+                      [0.01, 0.04, 0.95],   # flagged, given label implausible: relabeled to 2
+                      [0.90, 0.05, 0.05],   # not flagged: never touched
+                      [0.50, 0.48, 0.02]])  # flagged, p(given) = 0.02 < 0.05: relabeled to 0
+    assert relabel(data, flagged, probs).labels.tolist() == [1, 2, 1, 0]  # the paper: argmax of every flagged
+    plausible = relabel(data, flagged, probs, RelabelConfig(rule="plausible", min_prob=0.05))
+    assert plausible.labels.tolist() == [0, 2, 1, 0]
+    assert relabel(data, flagged, probs, RelabelConfig(rule="plausible", min_prob=0.5)).labels.tolist() == [1, 2, 1, 0]
+    assert data.labels.tolist() == [0, 0, 1, 2]  # the input is not modified
+
+
 def test_in_process_defense_finds_the_poisons(poisoned, partition_model) -> None:
     config = AdvrBDConfig.model_validate({
         "partition": {"radius": 2, "steps": 2},
@@ -304,6 +324,8 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     assert summary["final_asr"] < 0.1 and summary["relearn_asr"] < 0.1
     assert summary["relearn_acc"] > 0.6
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["id_recall"] == summary["id_recall"]
+    suspected = np.load(tmp_path / "out" / "suspected_poison.npy")
+    assert len(suspected) == summary["id_flagged"] and len(np.load(tmp_path / "out" / "relabeled_labels.npy"))
 
     client = MlflowClient(config.tracking_uri())
     run = client.get_run(summary["mlflow_run_id"])
@@ -323,6 +345,15 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
               .StageStore(tmp_path / "store" / "stages").executions()]
     assert stages.count("advrbd_poisoned") == 1 and stages.count("advrbd_scores") == 1
     assert again["id_recall"] >= summary["id_recall"] - 1e-9  # a union over rounds only adds flags
+    # advrbd+'s relabel rounds: each a stage and an MLflow step; the plausible rule relabels at most
+    # what the paper's rule does, and the poisons still lose their target label.
+    rounds = plus.defense.relabel.rounds
+    assert [r["round"] for r in again["relearn_rounds"]] == list(range(rounds)) and rounds > 1
+    assert stages.count("advrbd_relearn") == 1 + rounds
+    assert again["relabeled"] <= again["id_flagged"]
+    assert again["relearn_asr"] < 0.1 and again["relabel_kept_rate_poison"] < 0.1
+    steps = client.get_metric_history(again["mlflow_run_id"], "relearn_round_acc")
+    assert sorted(m.step for m in steps) == list(range(rounds))
 
 
 @pytest.mark.slow
