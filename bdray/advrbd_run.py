@@ -307,16 +307,19 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         relearn_key = {**ident_key, "relearn": cfg["defense"]["relearn"]}
         if cfg["defense"]["relabel"] != RelabelConfig().model_dump(mode="json"):
             relearn_key["relabel"] = cfg["defense"]["relabel"]  # the paper's rule keeps its earlier keys
-        relearn_path, relearn_rounds = clean_path, []
+        relearn_path, relearn_rounds, rejected = clean_path, [], None
         for r in range(rounds):
             probs = predict_proba(load_weights(spec.build(), relearn_path), poisoned.data.images)
-            relabeled = relabel(poisoned.data, flagged, probs, defense.relabel)
+            relabeled = relabel(poisoned.data, flagged, probs, defense.relabel, rejected)
+            rejected = relabeled.labels != poisoned.data.labels
             # nan at 0% poison: no poison to relabel. 'kept' poisons still carry the attacker's label.
             true_rate, kept_rate = ((float((relabeled.labels[poison_idx] == poisoned.true_labels[poison_idx]).mean()),
                                      float((relabeled.labels[poison_idx] == poisoned.data.labels[poison_idx]).mean()))
                                     if len(poison_idx) else (float("nan"), float("nan")))
             relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn,
-                                       relearn_key if r == 0 else {**relearn_key, "round": r}, [], seed + 3 + r,
+                                       relearn_key if r == 0 else
+                                       {**relearn_key, "round": r, "labels_sha": _labels_digest(relabeled.labels)},
+                                       [], seed + 3 + r,
                                        init=relearn_path, run_id=run_id,
                                        prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
             record = {"round": r, "relabeled": int((relabeled.labels != poisoned.data.labels).sum()),
@@ -430,6 +433,13 @@ def _mask_digest(mask: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()[:16]
+
+
+def _labels_digest(labels: np.ndarray) -> str:
+    # A later round's input is the labels the round before produced: the key must follow them.
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _round_line(record: RoundRecord) -> str:

@@ -125,7 +125,7 @@ class RelabelConfig(BaseModel):
     min_prob: float = Field(0.05, gt=0, lt=1, description="'plausible': below this p(given label) a flagged "
                             "sample is relabeled")
     rounds: int = Field(1, ge=1, description="relabel + relearn repeated, each round relabeling with the latest "
-                        "model and finetuning it")
+                        "model and finetuning it; under 'plausible' a label once rejected stays rejected")
 
 
 class AdvrBDConfig(PoisonedTrainingConfig):
@@ -161,7 +161,7 @@ class AdvrBDPlusConfig(AdvrBDConfig):
     enhance: EnhanceConfig = EnhanceConfig(clean_fraction=0.7, grow_by="loss")
     identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
     premise: PremiseConfig = PremiseConfig(check=True)
-    relabel: RelabelConfig = RelabelConfig(rule="plausible", rounds=4)
+    relabel: RelabelConfig = RelabelConfig(rule="plausible")
 
     #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
     #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
@@ -169,7 +169,7 @@ class AdvrBDPlusConfig(AdvrBDConfig):
         "enhance": {"clean_fraction": 0.7, "grow_by": "loss"},
         "identify": {"last_rounds": 3},
         "premise": {"check": True},
-        "relabel": {"rule": "plausible", "rounds": 4},
+        "relabel": {"rule": "plausible"},
     }
 
     @model_validator(mode="before")
@@ -597,8 +597,8 @@ def advrbd_config(raw: Mapping[str, Any]) -> AdvrBDConfig:
 Builder = Callable[[], nn.Module]
 
 
-def relabel(data: ImageSet, flagged: np.ndarray, probs: np.ndarray,
-            config: RelabelConfig | None = None) -> ImageSet:
+def relabel(data: ImageSet, flagged: np.ndarray, probs: np.ndarray, config: RelabelConfig | None = None,
+            rejected: np.ndarray | None = None) -> ImageSet:
     """The complete dataset of Eq. 5: suspected poisons take the model's labels.
 
     With ``rule: plausible`` only the flagged samples whose given label the model finds implausible
@@ -606,14 +606,22 @@ def relabel(data: ImageSet, flagged: np.ndarray, probs: np.ndarray,
     to 0.98 within a class), the fresh model then barely knows those classes, and its argmax would
     overwrite thousands of right labels; a poison's given label (the target) is implausible to a
     model that never learned the trigger, so the poisons are still relabeled (docs/advrbd.md).
+    ``rejected`` (the samples relabeled in an earlier round) stay relabeled, and never to their given
+    label: a model finetuned on the poisons it kept learns the trigger and finds more of them
+    plausible round after round (Blend: 5.6% -> 39% of the poisons kept over 4 rounds, ASR 24%).
     """
     config = config or RelabelConfig()
     labels = data.labels.copy()
+    rows = np.arange(len(labels))
     if config.rule == "argmax":
-        change = flagged
-    else:
-        change = flagged & (probs[np.arange(len(labels)), labels] < config.min_prob)
-    labels[change] = probs[change].argmax(1)
+        labels[flagged] = probs[flagged].argmax(1)
+        return data.replace(labels=labels)
+    change = flagged & (probs[rows, labels] < config.min_prob)
+    if rejected is not None:
+        change |= rejected
+    others = probs.copy()
+    others[rows, labels] = -1.0
+    labels[change] = others[change].argmax(1)
     return data.replace(labels=labels)
 
 
@@ -663,10 +671,11 @@ class AdvrBD(PoisonedTrainingDefense):
         clean = poisoned.subset(np.flatnonzero(~self.flagged_))
         torch.manual_seed(seed + 2)
         self.clean_model_ = fit(self.build(), clean, cfg.clean_train, seed=seed + 2, device=device)
-        model = self.clean_model_
+        model, rejected = self.clean_model_, None
         for r in range(cfg.relabel.rounds):
             probs = predict_proba(model, poisoned.images, device=device)
-            self.relabeled_ = relabel(poisoned, self.flagged_, probs, cfg.relabel)
+            self.relabeled_ = relabel(poisoned, self.flagged_, probs, cfg.relabel, rejected)
+            rejected = self.relabeled_.labels != poisoned.labels
             model = fit(copy.deepcopy(model), self.relabeled_, cfg.relearn, seed=seed + 3 + r, device=device)
         self.relearned_model_ = model
         return self

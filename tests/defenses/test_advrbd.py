@@ -93,7 +93,7 @@ def test_registry_and_faithful_defaults() -> None:
     assert faithful.enhance.clean_fraction == 0.5 and not faithful.premise.check
     assert plus.identify.last_rounds > 1 and plus.premise.check
     assert faithful.relabel.rule == "argmax" and faithful.relabel.rounds == 1
-    assert plus.relabel.rule == "plausible" and plus.relabel.rounds > 1
+    assert plus.relabel.rule == "plausible" and plus.relabel.rounds == 1
 
 
 def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
@@ -272,6 +272,11 @@ def test_plausible_relabel_changes_only_flagged_labels_the_model_rejects() -> No
     assert plausible.labels.tolist() == [0, 2, 1, 0]
     assert relabel(data, flagged, probs, RelabelConfig(rule="plausible", min_prob=0.5)).labels.tolist() == [1, 2, 1, 0]
     assert data.labels.tolist() == [0, 0, 1, 2]  # the input is not modified
+    # A label rejected in an earlier round stays rejected, and the given label is never the new one,
+    # even when the latest model finds it most likely (it may have learned the trigger meanwhile).
+    rejected = np.array([True, False, False, False])
+    later = relabel(data, flagged, probs[[2, 1, 2, 3]], RelabelConfig(rule="plausible"), rejected)
+    assert later.labels.tolist() == [1, 2, 1, 0]
 
 
 def test_in_process_defense_finds_the_poisons(poisoned, partition_model) -> None:
@@ -339,7 +344,7 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     # advrbd+ reuses the partition model, the clean reference and the scores.
     plus = validate_advrbd(_run_config(tmp_path, name="advrbd+", enhance={**config.defense.enhance.model_dump(),
                                                                           "grow_by": "loss"},
-                                       identify={"last_rounds": 2}))
+                                       identify={"last_rounds": 2}, relabel={"rounds": 3}))
     again = run_advrbd(plus, progress=lambda _: None)
     stages = [e["stage"] for e in __import__("bdray.stages", fromlist=["StageStore"])
               .StageStore(tmp_path / "store" / "stages").executions()]
