@@ -760,10 +760,11 @@ def report_sections(text: str) -> dict[str, str]:
 
 
 def _provenance(meta: Mapping[str, Any]) -> str:
+    reused = (f", {meta['reused']} found in the stage store (computed by an earlier run with the same config and "
+              "inputs)" if meta["reused"] else "")
     return (
         f"Written by `{meta['command']}` on {meta['date']} (git {meta['git_commit']}), "
-        f"{meta['seconds'] / 60:.0f} min; {meta['computed']} cells computed by this run, {meta['reused']} found in "
-        "the stage store (the same config and inputs computed by an earlier, interrupted run). "
+        f"{meta['seconds'] / 60:.0f} min; {meta['computed']} cells computed by this run{reused}. "
         f"MLflow: experiment `{meta['experiment']}`, parent run `{meta['mlflow_run_id']}`, one child run per row."
     )
 
