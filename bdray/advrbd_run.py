@@ -28,7 +28,14 @@ import yaml
 from pydantic import Field, SerializeAsAny, ValidationError
 
 from bdray.atomic import atomic_write
-from bdray.attacks import AttackConfig, attack_class, build_attack, poison_dataset, triggered_testset
+from bdray.attacks import (
+    AttackConfig,
+    PoisonedSet,
+    attack_class,
+    build_attack,
+    poison_dataset,
+    triggered_testset,
+)
 from bdray.config import ConfigError, Strict, TrackingConfig, apply_overrides, read_yaml
 from bdray.data import DatasetPair, get_dataset
 from bdray.defenses.advrbd import (
@@ -303,42 +310,37 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         rounds = defense.relabel.rounds
         progress(f"[7/8] relabel the suspected poisons ({defense.relabel.rule}) and relearn, {rounds} round(s)")
         torch.set_num_threads(max(1, int(config.ray.train.cpus_per_worker)))
-        poison_idx = poisoned.poison_index
         relearn_key = {**ident_key, "relearn": cfg["defense"]["relearn"]}
         if cfg["defense"]["relabel"] != RelabelConfig().model_dump(mode="json"):
             relearn_key["relabel"] = cfg["defense"]["relabel"]  # the paper's rule keeps its earlier keys
         relearn_path, relearn_rounds, rejected = clean_path, [], None
+        model = load_weights(spec.build(), clean_path)
         for r in range(rounds):
-            probs = predict_proba(load_weights(spec.build(), relearn_path), poisoned.data.images)
-            relabeled = relabel(poisoned.data, flagged, probs, defense.relabel, rejected)
+            relabeled = relabel(poisoned.data, flagged, predict_proba(model, poisoned.data.images), defense.relabel,
+                                rejected)
             rejected = relabeled.labels != poisoned.data.labels
-            # nan at 0% poison: no poison to relabel. 'kept' poisons still carry the attacker's label.
-            true_rate, kept_rate = ((float((relabeled.labels[poison_idx] == poisoned.true_labels[poison_idx]).mean()),
-                                     float((relabeled.labels[poison_idx] == poisoned.data.labels[poison_idx]).mean()))
-                                    if len(poison_idx) else (float("nan"), float("nan")))
-            relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn,
-                                       relearn_key if r == 0 else
-                                       {**relearn_key, "round": r, "labels_sha": _labels_digest(relabeled.labels)},
-                                       [], seed + 3 + r,
+            key = relearn_key if r == 0 else {**relearn_key, "round": r, "labels_sha": _digest(relabeled.labels)}
+            relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn, key, [], seed + 3 + r,
                                        init=relearn_path, run_id=run_id,
                                        prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
-            record = {"round": r, "relabeled": int((relabeled.labels != poisoned.data.labels).sum()),
-                      "relabel_true_rate_poison": true_rate, "relabel_kept_rate_poison": kept_rate,
-                      **evaluate_model(load_weights(spec.build(), relearn_path), truth)}
+            model = load_weights(spec.build(), relearn_path)  # evaluated here, relabels the next round
+            record = {"round": r, "relabeled": int(rejected.sum()), **_relabel_rates(relabeled.labels, poisoned),
+                      **evaluate_model(model, truth)}
             relearn_rounds.append(record)
             if run is not None:
                 run.log_metrics({f"relearn_round_{k}": float(v) for k, v in record.items()
                                  if k != "round" and v == v}, step=r)
-            poisons = f"{100 * true_rate:.1f}% of poisons to their true class" if len(poison_idx) else "no poisons"
+            poisons = (f"{100 * record['relabel_true_rate_poison']:.1f}% of poisons to their true class"
+                       if len(poisoned.poison_index) else "no poisons")
             progress(f"      relearn round {r}: {record['relabeled']} relabeled ({poisons}), ACC/ASR "
                      f"{100 * record['acc']:.2f}/{100 * record['asr']:.2f}")
-        summary["relabel_true_rate_poison"] = relearn_rounds[-1]["relabel_true_rate_poison"]
-        summary["relabel_kept_rate_poison"] = relearn_rounds[-1]["relabel_kept_rate_poison"]
-        summary["relabeled"] = relearn_rounds[-1]["relabeled"]
+        last = relearn_rounds[-1]
+        summary.update({k: last[k] for k in ("relabel_true_rate_poison", "relabel_kept_rate_poison", "relabeled")})
+        summary["relearn_acc"], summary["relearn_asr"] = last["acc"], last["asr"]
 
         progress("[8/8] evaluate")
         models = {"no_defense": poison_model_path, "clean_model": clean_ref_path, "enhanced": enhanced.model_path,
-                  "final": clean_path, "relearn": relearn_path}
+                  "final": clean_path}  # the relearned model was evaluated in its round
         for who, path in models.items():
             metrics = evaluate_model(load_weights(spec.build(), path), truth)
             summary[f"{who}_acc"], summary[f"{who}_asr"] = metrics["acc"], metrics["asr"]
@@ -429,17 +431,24 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _digest(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
 def _mask_digest(mask: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()[:16]
+    return _digest(np.packbits(mask))
 
 
-def _labels_digest(labels: np.ndarray) -> str:
-    # A later round's input is the labels the round before produced: the key must follow them.
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
+def _relabel_rates(labels: np.ndarray, poisoned: PoisonedSet) -> dict[str, float]:
+    """Shares of the poisons relabeled to their true class, and of those still carrying the attacker's
+    label (what can re-implant the backdoor); nan at 0% poison."""
+    idx = poisoned.poison_index
+    if not len(idx):
+        return {"relabel_true_rate_poison": float("nan"), "relabel_kept_rate_poison": float("nan")}
+    return {"relabel_true_rate_poison": float((labels[idx] == poisoned.true_labels[idx]).mean()),
+            "relabel_kept_rate_poison": float((labels[idx] == poisoned.data.labels[idx]).mean())}
 
 
 def _round_line(record: RoundRecord) -> str:
