@@ -251,8 +251,13 @@ def test_stream_matches_memory(tmp_path, pair, ray_session):
     expected = poison_dataset(pair.train, attack, SEED)
 
     # the planned set: the plan and the trigger are applied in Ray tasks; read through an explicit filesystem
-    got = stream_rows(to_ray_dataset(str((tmp_path / "plan").resolve()), columns=COLUMNS,
-                                     filesystem=pafs.LocalFileSystem()))
+    import ray.data
+
+    ds = to_ray_dataset(str((tmp_path / "plan").resolve()), columns=COLUMNS, filesystem=pafs.LocalFileSystem())
+    # the stream drops the per-operator CPU reservation on its own context only
+    assert ds.context.op_resource_reservation_enabled is False
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+    got = stream_rows(ds)
     assert got["image"].dtype == np.uint8 and got["image"].shape == (300, 1, 28, 28)
     np.testing.assert_array_equal(got["index"], np.arange(300))
     np.testing.assert_array_equal(got["image"], expected.data.images)
