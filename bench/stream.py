@@ -140,22 +140,26 @@ def tree_memory(root: int) -> tuple[int, int, int]:
     return rss, pss, count
 
 
+def _spawn(arm: str, path: Path, epochs: int, part: str = "0/1") -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, __file__, "--arm", arm, "--path", str(path), "--epochs", str(epochs),
+                             "--part", part], stdout=subprocess.PIPE, env=env, text=True)
+
+
+def _result(child: subprocess.Popen, stdout: str, what: str) -> dict:
+    if child.returncode != 0:
+        raise RuntimeError(f"{what} failed with exit code {child.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def ceiling(path: Path, epochs: int, workers: int = 2) -> dict:
     """``workers`` plain loops over disjoint file sets at once: what any engine could reach here.
 
     No framework cost at all (no scheduler, no object store, no batch hand-off to a consumer): the
     throughput two cores give the same per-row work. Per epoch: all images over the slowest loop's time.
     """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    children = [subprocess.Popen([sys.executable, __file__, "--arm", "plain", "--path", str(path), "--epochs",
-                                  str(epochs), "--part", f"{i}/{workers}"], stdout=subprocess.PIPE, env=env, text=True)
-                for i in range(workers)]
-    results = []
-    for child in children:
-        stdout, _ = child.communicate()
-        if child.returncode != 0:
-            raise RuntimeError(f"plain part on {path} failed with exit code {child.returncode}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    children = [_spawn("plain", path, epochs, f"{i}/{workers}") for i in range(workers)]
+    results = [_result(child, child.communicate()[0], f"plain part on {path}") for child in children]
     epochs_out = [{"images": sum(r["epochs"][e]["images"] for r in results),
                    "seconds": max(r["epochs"][e]["seconds"] for r in results)} for e in range(epochs)]
     return {"epochs": epochs_out, "workers": workers}
@@ -163,9 +167,7 @@ def ceiling(path: Path, epochs: int, workers: int = 2) -> dict:
 
 def measure(arm: str, path: Path, epochs: int) -> dict:
     """Run one arm in a child process; return its result plus the tree's peak memory."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
-    child = subprocess.Popen([sys.executable, __file__, "--arm", arm, "--path", str(path), "--epochs", str(epochs)],
-                             stdout=subprocess.PIPE, env=env, text=True)
+    child = _spawn(arm, path, epochs)
     peak = {"rss": 0, "pss": 0, "processes": 0}
     done = threading.Event()
 
@@ -181,9 +183,7 @@ def measure(arm: str, path: Path, epochs: int) -> dict:
     stdout, _ = child.communicate()
     done.set()
     sampler.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"{arm} on {path} failed with exit code {child.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
+    result = _result(child, stdout, f"{arm} on {path}")
     return {**result, "peak_rss": peak["rss"], "peak_pss": peak["pss"], "processes": peak["processes"]}
 
 
@@ -267,13 +267,9 @@ def main() -> None:
                     print(f"  {case:4s} {factor:>2d}x 2 plain loops at once (the ceiling): "
                           + ", ".join(f"epoch {i + 1} {x:8.0f} img/s" for i, x in enumerate(rates)), flush=True)
 
-    def ratio(case: str, factor: int, epoch: int = -1) -> float:
-        ray_rate = results[f"{case}_{factor}x_ray"]["images_per_s"][epoch]
-        return ray_rate / results[f"{case}_{factor}x_plain"]["images_per_s"][epoch]
-
-    def ratio_to_plain(case: str, arm: str) -> float:
-        rate = results[f"{case}_{args.scale}x_{arm}"]["images_per_s"][-1]
-        return rate / results[f"{case}_{args.scale}x_plain"]["images_per_s"][-1]
+    def ratio(case: str, factor: int, epoch: int = -1, arm: str = "ray") -> float:
+        rate = results[f"{case}_{factor}x_{arm}"]["images_per_s"][epoch]
+        return rate / results[f"{case}_{factor}x_plain"]["images_per_s"][epoch]
 
     def growth(case: str, arm: str, key: str) -> float:
         return results[f"{case}_{args.scale}x_{arm}"][key] / results[f"{case}_1x_{arm}"][key]
@@ -288,7 +284,7 @@ def main() -> None:
             "plain_memory_growth_pss": round(growth(case, "plain", "peak_pss"), 3),
             "ray_peak_pss_gib": round(results[f"{case}_{args.scale}x_ray"]["peak_pss"] / 2**30, 2),
             "plain_peak_pss_gib": round(results[f"{case}_{args.scale}x_plain"]["peak_pss"] / 2**30, 2),
-            **({"ceiling_2_plain_loops": round(ratio_to_plain(case, "ceiling"), 3)}
+            **({"ceiling_2_plain_loops": round(ratio(case, args.scale, arm="ceiling"), 3)}
                if f"{case}_{args.scale}x_ceiling" in results else {}),
             "images_per_s": {k.removeprefix(f"{case}_"): [round(x) for x in v["images_per_s"]]
                              for k, v in results.items() if k.startswith(f"{case}_")},

@@ -243,6 +243,8 @@ def test_row_transform_on_materialized_shards(tmp_path, pair):
 
 @pytest.mark.slow
 def test_stream_matches_memory(tmp_path, pair, ray_session):
+    import ray.data
+
     from bdray.data.stream import COLUMNS, to_ray_dataset
 
     attack = attack_for(pair.train, ATTACKS["wanet"])
@@ -251,8 +253,6 @@ def test_stream_matches_memory(tmp_path, pair, ray_session):
     expected = poison_dataset(pair.train, attack, SEED)
 
     # the planned set: the plan and the trigger are applied in Ray tasks; read through an explicit filesystem
-    import ray.data
-
     ds = to_ray_dataset(str((tmp_path / "plan").resolve()), columns=COLUMNS, filesystem=pafs.LocalFileSystem())
     # the stream drops the per-operator CPU reservation on its own context only
     assert ds.context.op_resource_reservation_enabled is False
