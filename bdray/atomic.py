@@ -6,6 +6,7 @@ through these, so an interrupted run never leaves a readable half-written file b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -60,3 +61,12 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
                 shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after the rename
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks: the digest the manifests record and check."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

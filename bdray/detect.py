@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bdray.atomic import atomic_directory
+from bdray.atomic import atomic_directory, sha256_file
 from bdray.data.shards import (
     COMPRESSION,
     DEFAULT_ROWS_PER_SHARD,
@@ -342,7 +342,7 @@ class _ShardWriter:
             self.writer.close()
             self.writer = None
             path = self.directory.parent / self.files[-1]["path"]
-            self.files[-1].update(rows=self.rows_in_file, bytes=path.stat().st_size, sha256=_sha256_file(path))
+            self.files[-1].update(rows=self.rows_in_file, bytes=path.stat().st_size, sha256=sha256_file(path))
 
     def finish(self) -> list[dict[str, Any]]:
         if not self.files:
@@ -350,13 +350,6 @@ class _ShardWriter:
         self._close()
         return self.files
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def filter_shards(

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bdray.atomic import atomic_directory
+from bdray.atomic import atomic_directory, sha256_file
 from bdray.data.base import ImageSet
 
 if TYPE_CHECKING:
@@ -298,13 +298,6 @@ def trigger_rows(images: np.ndarray, labels: np.ndarray, index: np.ndarray, atta
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _write_table(directory: Path, name: str, table: pa.Table) -> FileEntry:
     path = directory / name
@@ -312,7 +305,7 @@ def _write_table(directory: Path, name: str, table: pa.Table) -> FileEntry:
     # No statistics on the image column: min/max of image bytes is useless and bloats the footer.
     pq.write_table(table, path, compression=COMPRESSION, use_dictionary=False, row_group_size=ROW_GROUP_ROWS,
                    write_statistics=[n for n in table.column_names if n != "image"])
-    return FileEntry(name, table.num_rows, path.stat().st_size, _sha256_file(path))
+    return FileEntry(name, table.num_rows, path.stat().st_size, sha256_file(path))
 
 
 def _chunks(data: ImageSet | Iterable[ImageSet], rows_per_shard: int) -> Iterator[tuple[ImageSet, int]]:
@@ -478,7 +471,7 @@ def _write_attack_state(directory: Path, attack: Attack) -> FileEntry | None:
 
     path = directory / ATTACK_STATE_FILE
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-    return FileEntry(ATTACK_STATE_FILE, 0, path.stat().st_size, _sha256_file(path))
+    return FileEntry(ATTACK_STATE_FILE, 0, path.stat().st_size, sha256_file(path))
 
 
 def _relative_ref(source_root: str, target: Path) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from torch import nn
 
-from bdray.atomic import atomic_directory, atomic_write
+from bdray.atomic import atomic_directory, atomic_write, sha256_file
 from bdray.data.base import ImageSet
 from bdray.defenses.base import DefenseConfig, Detector, register_defense
 from bdray.models import ModelSpec, load_weights, save_weights
@@ -145,7 +145,7 @@ class BaDExpert(Detector):
             for name, model in zip(_FILES, (self.model_, self.expert_, self.auxiliary_), strict=True):
                 path = tmp / f"{name}.safetensors"
                 save_weights(model, path)
-                hashes[name] = _sha256(path)
+                hashes[name] = sha256_file(path)
             meta = {
                 "format": ARTIFACT_FORMAT,
                 "version": ARTIFACT_VERSION,
@@ -176,7 +176,7 @@ class BaDExpert(Detector):
             path = directory / f"{name}.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing (detector.json lists it)")
-            if _sha256(path) != meta["sha256"][name]:
+            if sha256_file(path) != meta["sha256"][name]:
                 raise ValueError(f"{path}: sha256 does not match detector.json (corrupted or replaced)")
             models.append(load_weights(spec.build(), path))
         detector.set_models(*models)
@@ -225,11 +225,4 @@ def read_artifact_metadata(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{meta_path}: missing fields {missing}")
     return meta
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
