@@ -41,19 +41,26 @@ class BadNetConfig(AttackConfig):
         return self
 
 
-def _patch_origin(
-    position: Corner | tuple[int, int], size: int | tuple[int, int], margin: int, hw: tuple[int, int]
+def patch_origin(
+    position: Corner | tuple[int, int], size: int | tuple[int, int], margin: int, hw: tuple[int, int],
+    *, what: str = "",
 ) -> tuple[int, int]:
+    """Top-left pixel of a ``size`` patch at ``position``; ValueError when it does not fit the image.
+
+    ``what`` names the patch in the error (default ``attack.position: a HxW patch``).
+    """
     h, w = hw
     ph, pw = (size, size) if isinstance(size, int) else size
     if isinstance(position, tuple):
-        return position
-    top = {"top": margin, "bottom": h - ph - margin, "center": (h - ph) // 2}
-    left = {"left": margin, "right": w - pw - margin, "center": (w - pw) // 2}
-    if position == "center":
-        return top["center"], left["center"]
-    vertical, horizontal = position.split("_")
-    return top[vertical], left[horizontal]
+        top, left = position
+    else:
+        rows = {"top": margin, "bottom": h - ph - margin, "center": (h - ph) // 2}
+        cols = {"left": margin, "right": w - pw - margin, "center": (w - pw) // 2}
+        vertical, horizontal = ("center", "center") if position == "center" else position.split("_")
+        top, left = rows[vertical], cols[horizontal]
+    if not (0 <= top <= h - ph and 0 <= left <= w - pw):
+        raise ValueError(f"{what or f'attack.position: a {ph}x{pw} patch'} at {position} does not fit a {h}x{w} image")
+    return top, left
 
 
 _MODES = {1: ("L", "LA"), 3: ("RGB", "RGBA")}
@@ -113,13 +120,12 @@ class BadNet(Attack):
     def __init__(self, config: BadNetConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__(config, image_shape=image_shape, num_classes=num_classes)
         c, h, w = self.image_shape
-        mask = None
+        mask, source = None, ""
         if config.pattern_file is not None:
             patch, mask = load_patch_file(config.pattern_file, config.mask_file, c)
             source = f"trigger image {config.pattern_file}: a {patch.shape[1]}x{patch.shape[2]} patch"
         else:
             s = config.patch_size
-            source = f"attack.position: a {s}x{s} patch"
             if config.pattern == "checkerboard":
                 grid = (np.indices((s, s)).sum(0) % 2 == 0).astype(np.float32)
                 patch = np.broadcast_to(grid, (c, s, s))
@@ -128,9 +134,7 @@ class BadNet(Attack):
             else:
                 patch = np.random.default_rng(config.seed).integers(0, 2, (c, s, s)).astype(np.float32)
         self.ph, self.pw = int(patch.shape[1]), int(patch.shape[2])
-        self.top, self.left = _patch_origin(config.position, (self.ph, self.pw), config.margin, (h, w))
-        if not (0 <= self.top <= h - self.ph and 0 <= self.left <= w - self.pw):
-            raise ValueError(f"{source} at {config.position} does not fit a {h}x{w} image")
+        self.top, self.left = patch_origin(config.position, (self.ph, self.pw), config.margin, (h, w), what=source)
         self.patch = torch.from_numpy(np.array(patch, dtype=np.float32))
         # Opacity per pixel; None means a plain overwrite (the classic patch, bit-exact).
         opacity = None if mask is None else mask * config.alpha

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from bdray.attacks.base import Attack, AttackConfig, register_attack
 from bdray.attacks.common import SALT_TRIGGER, logo_pattern, sample_rngs
-from bdray.attacks.patch import Corner, _patch_origin
+from bdray.attacks.patch import Corner, patch_origin
 
 
 class PhysicalConfig(AttackConfig):
@@ -40,9 +40,7 @@ class PhysicalBA(Attack):
         super().__init__(config, image_shape=image_shape, num_classes=num_classes)
         c, h, w = self.image_shape
         s = config.patch_size
-        self.top, self.left = _patch_origin(config.position, s, config.margin, (h, w))
-        if not (0 <= self.top <= h - s and 0 <= self.left <= w - s):
-            raise ValueError(f"attack.position: a {s}x{s} patch at {config.position} does not fit a {h}x{w} image")
+        self.top, self.left = patch_origin(config.position, s, config.margin, (h, w))
         if not 0 < config.scale[0] <= config.scale[1]:
             raise ValueError(f"attack.scale must be (low, high) with 0 < low <= high, got {config.scale}")
         self.patch = torch.from_numpy(logo_pattern(s, c, config.seed))

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from bdray.attacks.base import Attack, AttackConfig, register_attack
 from bdray.attacks.common import logo_pattern, watermark_mask
-from bdray.attacks.patch import Corner, _patch_origin
+from bdray.attacks.patch import Corner, patch_origin
 
 
 class TrojanConfig(AttackConfig):
@@ -30,9 +30,7 @@ class MaskedPatch(Attack):
         super().__init__(config, image_shape=image_shape, num_classes=num_classes)
         c, h, w = self.image_shape
         s = config.patch_size
-        self.top, self.left = _patch_origin(config.position, s, config.margin, (h, w))
-        if not (0 <= self.top <= h - s and 0 <= self.left <= w - s):
-            raise ValueError(f"attack.position: a {s}x{s} patch at {config.position} does not fit a {h}x{w} image")
+        self.top, self.left = patch_origin(config.position, s, config.margin, (h, w))
         self.mask = torch.from_numpy(watermark_mask(s))[None]  # (1, s, s)
         self.pattern = torch.from_numpy(logo_pattern(s, c, config.seed))  # (C, s, s)
 
