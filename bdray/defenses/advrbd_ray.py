@@ -36,7 +36,7 @@ from bdray.defenses.advrbd import (
     run_enhancement,
 )
 from bdray.models import ModelSpec, load_weights, save_weights
-from bdray.train.distributed import Scaling
+from bdray.train.distributed import Scaling, fit_trainer
 
 # -- Algorithm 1 on Ray Data ----------------------------------------------------------------------
 
@@ -267,8 +267,6 @@ def enhance_with_ray_train(
     ``truth`` (ground truth, for per-round metrics only) and the MLflow run are used by rank 0.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     storage = Path(storage_path).resolve()
     if not resume:
@@ -283,27 +281,8 @@ def enhance_with_ray_train(
         "data": ray.put(data) if distributed else data,
         "truth": (ray.put(truth) if distributed else truth) if truth is not None else None,
     }
-    if not distributed:
-        cfg["local_checkpoints"] = str(storage / name / "local_checkpoints")
-        Path(cfg["local_checkpoints"]).mkdir(parents=True, exist_ok=True)
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
-        _enhance_worker,
-        train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources if distributed else None),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    model_path, records, _ = fit_trainer(
+        _enhance_worker, cfg, scaling=scaling, storage_path=storage, name=name, out=out,
+        read=lambda directory: load_records(directory)[0],
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"enhancement run {name} finished without a checkpoint")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as directory:
-        shutil.copyfile(Path(directory) / "model.safetensors", out / "model.safetensors")
-        records, _, _ = load_records(directory)
-    if not distributed:
-        shutil.rmtree(cfg["local_checkpoints"], ignore_errors=True)
-    return EnhanceResult(out / "model.safetensors", records)
+    return EnhanceResult(model_path, records)

@@ -22,9 +22,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,8 @@ from bdray.models.blocks import freeze_prefix
 from bdray.models.io import save_weights
 from bdray.train.loop import augment_generator, train_epoch, worker_batches
 from bdray.train.recipe import TrainRecipe
+
+T = TypeVar("T")
 
 
 class Scaling(BaseModel):
@@ -227,8 +230,6 @@ def train_model(
     ``resume=False`` discards what an earlier run of that name left and starts from epoch 0.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     streaming = not isinstance(data, ImageSet)
     cfg: dict[str, Any] = {
@@ -241,39 +242,69 @@ def train_model(
         cfg["run_dir"] = str(Path(storage_path).resolve() / name)
         if not resume:
             shutil.rmtree(cfg["run_dir"], ignore_errors=True)
-    if scaling.num_workers == 0:
-        cfg["local_checkpoints"] = str(Path(storage_path) / name / "local_checkpoints")
-        Path(cfg["local_checkpoints"]).mkdir(parents=True, exist_ok=True)
     if streaming:
         cfg["num_rows"] = data.count()
         cfg["num_classes"] = num_classes or spec["num_classes"]
     else:
         cfg["data"] = ray.put(data) if scaling.num_workers > 0 else data
+    model_path, history, metrics = fit_trainer(
+        _worker_loop_resolving, cfg, scaling=scaling, storage_path=storage_path, name=name, out=out,
+        read=lambda directory: json.loads((directory / "history.json").read_text()),
+        datasets={"train": data} if streaming else None,
+    )
+    return TrainResult(model_path, history, dict(metrics or history[-1]))
+
+
+def fit_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    cfg: dict[str, Any],
+    *,
+    scaling: Scaling,
+    storage_path: str | os.PathLike,
+    name: str,
+    out: str | os.PathLike,
+    read: Callable[[Path], T],
+    datasets: dict[str, Any] | None = None,
+) -> tuple[Path, T, dict[str, Any]]:
+    """Run ``loop(cfg)`` under a TorchTrainer named ``name``; copy the final weights to ``out``.
+
+    Returns ``out/model.safetensors``, ``read(checkpoint directory)`` and the last reported
+    metrics. ``num_workers == 0`` runs the loop in the driver (``cfg["local_checkpoints"]`` is its
+    scratch directory, removed afterwards); a local ``storage_path`` is made absolute because Ray
+    Train resolves relative paths against each worker's directory.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    local = scaling.num_workers == 0
+    if local:
+        cfg["local_checkpoints"] = str(Path(storage_path) / name / "local_checkpoints")
+        Path(cfg["local_checkpoints"]).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
-        _worker_loop_resolving,
+        loop,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources if scaling.num_workers else None),
+                                     resources_per_worker=None if local else resources),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": data} if streaming else None,
+        datasets=datasets,
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} finished without a checkpoint")
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as directory:
         shutil.copyfile(Path(directory) / "model.safetensors", out / "model.safetensors")
-        history = json.loads((Path(directory) / "history.json").read_text())
-    if scaling.num_workers == 0:
+        value = read(Path(directory))
+    if local:
         shutil.rmtree(cfg["local_checkpoints"], ignore_errors=True)
-    return TrainResult(out / "model.safetensors", history, dict(result.metrics or history[-1]))
+    return out / "model.safetensors", value, dict(result.metrics or {})
 
 
 def _worker_loop_resolving(cfg: dict[str, Any]) -> None:
