@@ -170,6 +170,13 @@ def model_spec(config: AdvrBDExperiment, pair: DatasetPair) -> ModelSpec:
 # -- the run --------------------------------------------------------------------------------------
 
 
+def partition_stage_config(config: AdvrBDExperiment) -> dict[str, Any]:
+    """The stage config of ``advrbd_poisoned``, the model trained on the untrusted set (Algorithm 1's model)."""
+    cfg = config.to_dict()
+    return {"data": cfg["data"], "seed": config.seed, "model": cfg["model"], "recipe": cfg["defense"]["train"],
+            "attack": cfg["attack"]}
+
+
 def run_advrbd(
     config: AdvrBDExperiment,
     *,
@@ -217,6 +224,7 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
     truth = GroundTruth(poisoned.is_poison, pair.test.images, pair.test.labels, triggered.images, triggered.labels)
     data_key = {"data": cfg["data"], "seed": seed}
     model_key = {"model": cfg["model"], "recipe": cfg["defense"]["train"]}
+    poisoned_cfg = partition_stage_config(config)
 
     def train_stage(stage: str, data, recipe, key: dict[str, Any], inputs: list[str], train_seed: int,
                     init: Path | None = None, run_id: str | None = None, prefix: str | None = None) -> Path:
@@ -250,11 +258,10 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
             run.set_tags({"git_commit": git_commit() or "unknown"})
 
         progress(f"[2/8] partition model and clean reference model: {defense.train.epochs} epochs each")
-        poison_model_path = train_stage("advrbd_poisoned", poisoned.data, defense.train,
-                                        {**data_key, **model_key, "attack": cfg["attack"]}, [], seed)
+        poison_model_path = train_stage("advrbd_poisoned", poisoned.data, defense.train, poisoned_cfg, [], seed)
         clean_ref_path = train_stage("advrbd_clean_reference", pair.train, defense.train, {**data_key, **model_key},
                                      [], seed)
-        poison_key = store.key("advrbd_poisoned", {**data_key, **model_key, "attack": cfg["attack"]}, [])
+        poison_key = store.key("advrbd_poisoned", poisoned_cfg, [])
 
         progress(f"[3/8] partition scores: PGD ({defense.partition.steps} steps, eps {defense.partition.eps}, radius "
                  f"{defense.partition.radius}) on {config.ray.score_actors} Ray Data replica(s)")
@@ -302,7 +309,7 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
                  f"{summary['id_recall']:.3f} FPR {summary['id_fpr']:.3f}")
 
         progress(f"[6/8] clean training on {len(clean_set)} identified clean samples")
-        ident_key = {**data_key, **model_key, "attack": cfg["attack"], "flagged_sha": _mask_digest(flagged),
+        ident_key = {**poisoned_cfg, "flagged_sha": _mask_digest(flagged),
                      "clean_train": cfg["defense"]["clean_train"]}
         clean_path = train_stage("advrbd_clean_train", clean_set, defense.clean_train, ident_key, [], seed + 2,
                                  run_id=run_id)

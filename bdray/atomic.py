@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
@@ -63,10 +63,15 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after the rename
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks: the digest the manifests record and check."""
+def sha256_stream(f: BinaryIO) -> str:
+    """Hex SHA-256 of what a binary stream (a file, a pyarrow input stream) has left, in 1 MiB reads."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file: the digest the manifests record and check."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)

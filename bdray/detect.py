@@ -351,7 +351,6 @@ class _ShardWriter:
         return self.files
 
 
-
 def filter_shards(
     input: str | os.PathLike,
     out: str | os.PathLike,

@@ -14,7 +14,6 @@ flagged samples that kept their given label (``drop_kept``). Prints one JSON lin
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import sys
 from pathlib import Path
@@ -23,12 +22,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bdray.advrbd_run import load_advrbd_config, load_pair, model_spec, run_advrbd
+from bdray.advrbd_run import load_advrbd_config, load_pair, model_spec, partition_stage_config, run_advrbd
 from bdray.attacks import build_attack
 from bdray.attacks.base import poison_dataset, triggered_testset
 from bdray.defenses.advrbd import GroundTruth, evaluate_model, relabel
 from bdray.defenses.badexpert import EXPERT_RECIPE
 from bdray.models import load_weights
+from bdray.stages import StageStore
 from bdray.train import fit, predict_proba
 
 
@@ -53,10 +53,9 @@ def main() -> None:
     flagged = np.zeros(len(data), bool)
     flagged[np.load(out / "suspected_poison.npy")] = True
     summary = json.loads((out / "summary.json").read_text())
-    # the partition model of this poisoned set: of the stored ones, the one that fits its labels best
-    partition = max(glob.glob(f"{cfg.storage}/stages/advrbd_poisoned/*/model.safetensors"),
-                    key=lambda p: (predict_proba(load_weights(spec.build(), p), data.images).argmax(1)
-                                   == data.labels).mean())
+    store = StageStore(Path(cfg.storage) / "stages")
+    partition = store.path("advrbd_poisoned", store.key("advrbd_poisoned", partition_stage_config(cfg)))
+    partition = partition / "model.safetensors"
     res: dict = {"attack": name, "advrbd+": pct({"acc": summary["relearn_acc"], "asr": summary["relearn_asr"]}),
                  "flagged": int(flagged.sum()), "flagged_poison": int((flagged & is_poison).sum())}
     expert = fit(load_weights(spec.build(), partition), data.subset(np.flatnonzero(~flagged)),

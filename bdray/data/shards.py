@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bdray.atomic import atomic_directory, sha256_file
+from bdray.atomic import atomic_directory, sha256_file, sha256_stream
 from bdray.data.base import ImageSet
 
 if TYPE_CHECKING:
@@ -298,7 +298,6 @@ def trigger_rows(images: np.ndarray, labels: np.ndarray, index: np.ndarray, atta
 # -- writing -----------------------------------------------------------------------------------------
 
 
-
 def _write_table(directory: Path, name: str, table: pa.Table) -> FileEntry:
     path = directory / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -505,11 +504,8 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 def _hash_stream(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
     with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(f)
 
 
 def _check_file(fs: pafs.FileSystem, root: str, entry: FileEntry, schema: pa.Schema | None, verify: str) -> None:

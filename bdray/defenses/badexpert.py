@@ -224,5 +224,3 @@ def read_artifact_metadata(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{meta_path}: missing fields {missing}")
     return meta
-
-
