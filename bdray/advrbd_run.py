@@ -47,9 +47,12 @@ from bdray.defenses.advrbd import (
     RoundRecord,
     choose_seed_set,
     evaluate_model,
+    expert_flags,
+    given_label_prob,
     identification_metrics,
     identify_poison,
     relabel,
+    relearn_rows,
 )
 from bdray.models import ModelSpec, load_weights
 from bdray.pipeline import ensure_ray
@@ -301,8 +304,24 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         for record in enhanced.records:
             progress(f"      round {record.round}: " + _round_line(record))
 
-        progress("[5/8] identification")
+        progress("[5/8] identification" + (" and the backdoor expert" if defense.expert.enabled else ""))
         flagged = identify_poison(enhanced.records, defense.identify)
+        expert_path = None
+        if defense.expert.enabled:
+            identified = flagged
+            summary.update(identification_metrics(identified, poisoned.is_poison, "pre_expert_id_"))
+            expert_key = {"flagged_sha": _mask_digest(identified), "recipe": cfg["defense"]["expert"]["recipe"]}
+            expert_path = train_stage("advrbd_expert", poisoned.data.subset(np.flatnonzero(~identified)),
+                                      defense.expert.recipe, expert_key, [poison_key], seed + 4,
+                                      init=poison_model_path)
+            given = given_label_prob(load_weights(spec.build(), expert_path), poisoned.data)
+            flagged = expert_flags(given, identified, defense.expert)
+            unflagged = identified & ~flagged
+            summary["expert_unflagged"] = int(unflagged.sum())
+            summary["expert_unflagged_poison"] = int((unflagged & poisoned.is_poison).sum())
+            progress(f"      identification flagged {int(identified.sum())} (recall "
+                     f"{summary['pre_expert_id_recall']:.3f}); the expert un-flags {int(unflagged.sum())} "
+                     f"({summary['expert_unflagged_poison']} of them poisoned)")
         summary.update(identification_metrics(flagged, poisoned.is_poison, "id_"))
         clean_set = poisoned.data.subset(np.flatnonzero(~flagged))
         progress(f"      flagged {int(flagged.sum())}: precision {summary['id_precision']:.3f} recall "
@@ -327,11 +346,13 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
                                 rejected)
             rejected = relabeled.labels != poisoned.data.labels
             key = relearn_key if r == 0 else {**relearn_key, "round": r, "labels_sha": _digest(relabeled.labels)}
-            relearn_path = train_stage("advrbd_relearn", relabeled, defense.relearn, key, [], seed + 3 + r,
+            rows = relearn_rows(relabeled, poisoned.data, flagged, defense.relabel)
+            relearn_path = train_stage("advrbd_relearn", relabeled.subset(rows), defense.relearn, key, [], seed + 3 + r,
                                        init=relearn_path, run_id=run_id,
                                        prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
             model = load_weights(spec.build(), relearn_path)  # evaluated here, relabels the next round
-            record = {"round": r, "relabeled": int(rejected.sum()), **_relabel_rates(relabeled.labels, poisoned),
+            record = {"round": r, "relabeled": int(rejected.sum()), "relearned_on": len(rows),
+                      **_relabel_rates(relabeled.labels, poisoned),
                       **evaluate_model(model, truth)}
             relearn_rounds.append(record)
             if run is not None:
@@ -348,6 +369,8 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         progress("[8/8] evaluate")
         models = {"no_defense": poison_model_path, "clean_model": clean_ref_path, "enhanced": enhanced.model_path,
                   "final": clean_path}  # the relearned model was evaluated in its round
+        if expert_path is not None:
+            models["expert"] = expert_path
         for who, path in models.items():
             metrics = evaluate_model(load_weights(spec.build(), path), truth)
             summary[f"{who}_acc"], summary[f"{who}_asr"] = metrics["acc"], metrics["asr"]
@@ -493,6 +516,9 @@ def format_summary(summary: Mapping[str, Any], config: AdvrBDExperiment | None =
         f"clean model (trained on the true clean set)  ACC {100 * summary['clean_model_acc']:.2f}",
         f"seed set {summary['seed_size']} ({100 * summary['seed_poison_rate']:.2f}% poisoned), premise class ratio "
         f"{summary['premise_class_ratio']:.2f}",
+        *([f"backdoor expert (ACC/ASR {100 * summary['expert_acc']:.2f}/{100 * summary['expert_asr']:.2f}) "
+           f"un-flagged {summary['expert_unflagged']} of the {int(summary['pre_expert_id_flagged'])} identified "
+           f"({summary['expert_unflagged_poison']} poisoned)"] if "expert_unflagged" in summary else []),
         f"identification: precision {summary['id_precision']:.3f} recall {summary['id_recall']:.3f} "
         f"F1 {summary['id_f1']:.3f} FPR {summary['id_fpr']:.3f} ({int(summary['id_leaked'])} poisons leaked)",
         f"wall time {summary['time_total']:.0f}s; MLflow run {summary.get('mlflow_run_id')}",

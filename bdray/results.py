@@ -740,6 +740,13 @@ def _poisoned_training_markdown(name: str, table: PoisonedTrainingTable, rows: d
             "|---" * (1 + len(attacks)) + "|",
         ]
         for label in advrbd_like:
+            if any("pre_expert_id_recall" in rows[a].get(label, {}) for a in attacks):
+                lines.append(
+                    f"| {label}: identification alone | "
+                    + " | ".join(_pair(rows[a].get(label), "pre_expert_id_recall", "pre_expert_id_fpr")
+                                 for a in attacks)
+                    + " |"
+                )
             lines.append(
                 f"| {label} | " + " | ".join(_pair(rows[a].get(label), "id_recall", "id_fpr") for a in attacks) + " |"
             )

@@ -10,6 +10,8 @@ very same code:
 2. **enhancement** (Algorithm 2): rounds of unlearning the assumed-clean set while learning the rest,
    growing the assumed-clean set each round. The model keeps the backdoor and loses the main task.
 3. **identification**: what the enhanced model misclassifies is clean, the rest is poisoned.
+   ``advrbd+`` then lets a BaDExpert-style expert (the partition model finetuned on the identified
+   clean set with shifted labels) keep only the flagged samples to which it still gives their label.
 4. **clean training** from scratch on the identified clean samples, then **relabel and relearn**:
    the suspected poisons get the clean model's labels and the clean model is finetuned on everything.
 
@@ -33,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bdray.data.base import ImageSet
+from bdray.defenses.badexpert import EXPERT_RECIPE
 from bdray.registry import Registry
 from bdray.train.loop import epoch_order, fit, predict_proba, to_float
 from bdray.train.recipe import TrainRecipe
@@ -126,6 +129,32 @@ class RelabelConfig(BaseModel):
                             "sample is relabeled")
     rounds: int = Field(1, ge=1, description="relabel + relearn repeated, each round relabeling with the latest "
                         "model and finetuning it; under 'plausible' a label once rejected stays rejected")
+    drop_kept: bool = Field(False, description="relearn without the flagged samples that kept their given label "
+                            "(the paper relearns on all of them); a poison whose target label the model finds "
+                            "plausible would re-implant the trigger")
+
+
+class ExpertConfig(BaseModel):
+    """A BaDExpert-style backdoor expert that un-flags the clean samples identification flagged.
+
+    The partition model finetuned on the identified clean set with shifted labels forgets the task
+    and keeps the backdoor (BaDExpert's premise): a flagged sample to which it still gives its
+    given label is a poison, the others are clean samples the enhanced model never forgot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    recipe: TrainRecipe = Field(EXPERT_RECIPE, description="finetune of the partition model on the identified "
+                                "clean set; BaDExpert's expert recipe (Adam, lr 1e-4, one epoch, labels y + 1)")
+    threshold: float = Field(0.9, gt=0, lt=1, description="a flagged sample stays flagged when the expert gives "
+                             "its given label more than this probability")
+
+    @model_validator(mode="after")
+    def _shifted(self) -> ExpertConfig:
+        if self.recipe.label_shift == 0:
+            raise ValueError("expert.recipe.label_shift is 0: the expert must learn shifted labels (y + k mod C, "
+                             "k != 0) to forget the task, or it is a clean finetune that fits every sample")
+        return self
 
 
 class AdvrBDConfig(PoisonedTrainingConfig):
@@ -141,6 +170,7 @@ class AdvrBDConfig(PoisonedTrainingConfig):
     clean_train: TrainRecipe = Field(TrainRecipe(epochs=5), description="fresh model on the identified clean set")
     relearn: TrainRecipe = Field(TrainRecipe(epochs=2, lr=0.01), description="finetune on clean + relabeled")
     relabel: RelabelConfig = RelabelConfig()
+    expert: ExpertConfig = ExpertConfig()
 
     @model_validator(mode="after")
     def _check(self) -> AdvrBDConfig:
@@ -161,7 +191,8 @@ class AdvrBDPlusConfig(AdvrBDConfig):
     enhance: EnhanceConfig = EnhanceConfig(clean_fraction=0.7, grow_by="loss")
     identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
     premise: PremiseConfig = PremiseConfig(check=True)
-    relabel: RelabelConfig = RelabelConfig(rule="plausible")
+    relabel: RelabelConfig = RelabelConfig(rule="plausible", drop_kept=True)
+    expert: ExpertConfig = ExpertConfig(enabled=True)
 
     #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
     #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
@@ -169,7 +200,8 @@ class AdvrBDPlusConfig(AdvrBDConfig):
         "enhance": {"clean_fraction": 0.7, "grow_by": "loss"},
         "identify": {"last_rounds": 3},
         "premise": {"check": True},
-        "relabel": {"rule": "plausible"},
+        "relabel": {"rule": "plausible", "drop_kept": True},
+        "expert": {"enabled": True},
     }
 
     @model_validator(mode="before")
@@ -528,6 +560,27 @@ def identify_poison(records: list[RoundRecord], config: IdentifyConfig) -> np.nd
     return np.logical_or.reduce([r.fit for r in last])
 
 
+def expert_flags(given_prob: np.ndarray, flagged: np.ndarray, config: ExpertConfig) -> np.ndarray:
+    """The suspected poisons the expert confirms: flagged, and their given label still above the
+    threshold under the expert (``given_prob`` = the expert's probability of each given label)."""
+    if not config.enabled:
+        return flagged.copy()
+    return flagged & (given_prob > config.threshold)
+
+
+def given_label_prob(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu") -> np.ndarray:
+    """p(given label) of every sample under ``model``."""
+    return predict_proba(model, data.images, device=device)[np.arange(len(data)), data.labels]
+
+
+def relearn_rows(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, config: RelabelConfig) -> np.ndarray:
+    """The samples relearned on: all of them, or (``drop_kept``) all but the flagged ones that kept
+    their given label."""
+    if not config.drop_kept:
+        return np.arange(len(given))
+    return np.flatnonzero(~(flagged & (relabeled.labels == given.labels)))
+
+
 def identification_metrics(flagged: np.ndarray, is_poison: np.ndarray, prefix: str = "") -> dict[str, float]:
     """Precision / recall / F1 / FPR of 'flagged as poisoned' against ground truth."""
     tp = int((flagged & is_poison).sum())
@@ -630,7 +683,8 @@ class AdvrBD(PoisonedTrainingDefense):
     """All stages in this process (see :mod:`bdray.defenses.advrbd_ray` for Ray Data / Ray Train).
 
     Fitted state: ``poisoned_model_``, ``scores_``, ``seed_mask_``, ``premise_``, ``records_``,
-    ``enhanced_model_``, ``flagged_`` (suspected poisons), ``clean_model_``, ``relearned_model_``.
+    ``enhanced_model_``, ``flagged_`` (suspected poisons), ``clean_model_``, ``relearned_model_``; with
+    the expert also ``identified_`` (identification's flags before it) and ``expert_model_``.
     """
 
     Config = AdvrBDConfig
@@ -668,6 +722,13 @@ class AdvrBD(PoisonedTrainingDefense):
                                         seed=seed, device=device, rescore=rescore, probe=probe, on_round=on_round)
         self.enhanced_model_ = enhanced
         self.flagged_ = identify_poison(self.records_, cfg.identify)
+        if cfg.expert.enabled:
+            self.identified_ = self.flagged_
+            torch.manual_seed(seed + 4)
+            self.expert_model_ = fit(copy.deepcopy(poisoned_model), poisoned.subset(np.flatnonzero(~self.flagged_)),
+                                     cfg.expert.recipe, seed=seed + 4, device=device)
+            given = given_label_prob(self.expert_model_, poisoned, device)
+            self.flagged_ = expert_flags(given, self.identified_, cfg.expert)
         clean = poisoned.subset(np.flatnonzero(~self.flagged_))
         torch.manual_seed(seed + 2)
         self.clean_model_ = fit(self.build(), clean, cfg.clean_train, seed=seed + 2, device=device)
@@ -676,7 +737,9 @@ class AdvrBD(PoisonedTrainingDefense):
             probs = predict_proba(model, poisoned.images, device=device)
             self.relabeled_ = relabel(poisoned, self.flagged_, probs, cfg.relabel, rejected)
             rejected = self.relabeled_.labels != poisoned.labels
-            model = fit(copy.deepcopy(model), self.relabeled_, cfg.relearn, seed=seed + 3 + r, device=device)
+            rows = relearn_rows(self.relabeled_, poisoned, self.flagged_, cfg.relabel)
+            model = fit(copy.deepcopy(model), self.relabeled_.subset(rows), cfg.relearn, seed=seed + 3 + r,
+                        device=device)
         self.relearned_model_ = model
         return self
 
