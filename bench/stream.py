@@ -16,13 +16,17 @@ per-task overhead dominates). Each arm runs in a fresh child process whose whole
 GCS, raylet and workers included) is sampled from /proc every 0.2 s for peak RSS and PSS; PSS
 splits shared pages (Ray's object store, shared libraries) between the processes mapping them,
 so its sum is the tree's real footprint, while summed RSS counts such pages once per process.
-Each arm iterates two epochs; epoch 2 is the steady state a training job sees (epoch 1 also pays
-Ray's worker start-up; both are reported).
+Each arm iterates ``--epochs`` epochs (3); its rate is the median of the epochs after the first (the
+steady state a training job sees; epoch 1 also pays Ray's worker start-up and is reported apart).
+This machine's own speed drifts by 20% from minute to minute (one plain loop, same files: 1,203 to
+1,799 images/s in one hour), so a ratio of two arms measured once each swings as much: the arms run
+in ``--rounds`` interleaved rounds (3; plain then Ray, then Ray then plain, ...), each round gives a
+ratio, and the figure is the median round's, with the spread beside it.
 
     python bench/stream.py                       # JPEG 1,000 -> 10,000 rows and raw 60,000 -> 600,000 rows
     python bench/stream.py --jpeg-rows 500 --raw-rows 6000 --cases jpeg   # a quick look
 
-Ends with one JSON line: {"bench": "stream", "value": Ray/plain images/s (JPEG, 10x, epoch 2), "goal": 1.5, ...}.
+Ends with one JSON line: {"bench": "stream", "value": Ray/plain images/s (JPEG, 10x, median round), "goal": 1.5, ...}.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from statistics import median
 
 BATCH = 256
 
@@ -226,12 +231,19 @@ def make_sets(root: Path, case: str, rows: int, scale: int) -> dict[int, Path]:
     return sets
 
 
+def steady_rate(run: dict) -> float:
+    """images/s of the epochs after the first (their median); the only epoch when there is one."""
+    rates = [e["images"] / e["seconds"] for e in run["epochs"]]
+    return median(rates[1:] or rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jpeg-rows", type=int, default=1000)
     parser.add_argument("--raw-rows", type=int, default=60000)
     parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the arms at each size")
     parser.add_argument("--cases", default="jpeg,raw")
     parser.add_argument("--workdir", default=None, help="where to write the shards (default: a temp dir)")
     parser.add_argument("--arm", choices=["plain", "ray"], help=argparse.SUPPRESS)
@@ -247,56 +259,71 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         return
 
-    results: dict[str, dict] = {}
+    # results[case][factor][arm] = one entry per round
+    results: dict[str, dict[int, dict[str, list[dict]]]] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for case in args.cases.split(","):
             rows = args.jpeg_rows if case == "jpeg" else args.raw_rows
             sets = make_sets(Path(tmp), case, rows, args.scale)
             for factor, path in sets.items():
-                for arm in ("plain", "ray"):
-                    load = os.getloadavg()[0]
-                    r = measure(arm, path, args.epochs)
-                    rates = [e["images"] / e["seconds"] for e in r["epochs"]]
-                    results[f"{case}_{factor}x_{arm}"] = {**r, "images_per_s": rates, "load_before": load}
-                    print(f"  {case:4s} {factor:>2d}x {arm:5s}: " + ", ".join(f"epoch {i + 1} {x:8.0f} img/s"
-                          for i, x in enumerate(rates))
-                          + f"; peak tree RSS {r['peak_rss'] / 2**30:.2f} GiB, PSS {r['peak_pss'] / 2**30:.2f} GiB"
-                          f" ({r['processes']} processes); load {load:.1f}", flush=True)
-                if case == "jpeg" and factor == args.scale:
-                    r = ceiling(path, args.epochs)
-                    rates = [e["images"] / e["seconds"] for e in r["epochs"]]
-                    results[f"{case}_{factor}x_ceiling"] = {**r, "images_per_s": rates}
-                    print(f"  {case:4s} {factor:>2d}x 2 plain loops at once (the ceiling): "
-                          + ", ".join(f"epoch {i + 1} {x:8.0f} img/s" for i, x in enumerate(rates)), flush=True)
+                runs = results.setdefault(case, {}).setdefault(factor, {"plain": [], "ray": [], "ceiling": []})
+                for round_ in range(args.rounds):
+                    # alternate the order, so a drift of the machine's speed within a round favours neither arm
+                    for arm in ("plain", "ray") if round_ % 2 == 0 else ("ray", "plain"):
+                        load = os.getloadavg()[0]
+                        r = measure(arm, path, args.epochs)
+                        r["rate"] = steady_rate(r)
+                        runs[arm].append({**r, "load_before": load})
+                        print(f"  {case:4s} {factor:>2d}x round {round_ + 1} {arm:5s}: "
+                              + ", ".join(f"{e['images'] / e['seconds']:6.0f}" for e in r["epochs"])
+                              + f" img/s by epoch; peak tree PSS {r['peak_pss'] / 2**30:.2f} GiB"
+                              f" ({r['processes']} processes); load {load:.1f}", flush=True)
+                    if case == "jpeg" and factor == args.scale:
+                        r = ceiling(path, args.epochs)
+                        r["rate"] = steady_rate(r)
+                        runs["ceiling"].append(r)
+                        print(f"  {case:4s} {factor:>2d}x round {round_ + 1} 2 plain loops at once (the ceiling): "
+                              + ", ".join(f"{e['images'] / e['seconds']:6.0f}" for e in r["epochs"]), flush=True)
+                    ratio = runs["ray"][-1]["rate"] / runs["plain"][-1]["rate"]
+                    print(f"  {case:4s} {factor:>2d}x round {round_ + 1}: Ray/plain {ratio:.2f}", flush=True)
 
-    def ratio(case: str, factor: int, epoch: int = -1, arm: str = "ray") -> float:
-        rate = results[f"{case}_{factor}x_{arm}"]["images_per_s"][epoch]
-        return rate / results[f"{case}_{factor}x_plain"]["images_per_s"][epoch]
+    def ratios(case: str, factor: int, arm: str = "ray", epoch: int | None = None) -> list[float]:
+        runs = results[case][factor]
+
+        def rate(r: dict) -> float:
+            return r["rate"] if epoch is None else r["epochs"][epoch]["images"] / r["epochs"][epoch]["seconds"]
+
+        return [rate(a) / rate(p) for a, p in zip(runs[arm], runs["plain"], strict=False)]
 
     def growth(case: str, arm: str, key: str) -> float:
-        return results[f"{case}_{args.scale}x_{arm}"][key] / results[f"{case}_1x_{arm}"][key]
+        big, small = results[case][args.scale][arm], results[case][1][arm]
+        return median([r[key] for r in big]) / median([r[key] for r in small])
 
     summary: dict = {}
     for case in args.cases.split(","):
+        big = ratios(case, args.scale)
         summary[case] = {
-            "speedup_1x": round(ratio(case, 1), 3), f"speedup_{args.scale}x": round(ratio(case, args.scale), 3),
-            f"speedup_{args.scale}x_epoch1": round(ratio(case, args.scale, 0), 3),
+            "speedup_1x": round(median(ratios(case, 1)), 3),
+            f"speedup_{args.scale}x": round(median(big), 3),
+            f"speedup_{args.scale}x_rounds": [round(x, 3) for x in big],
+            f"speedup_{args.scale}x_epoch1": round(median(ratios(case, args.scale, epoch=0)), 3),
             "ray_memory_growth_pss": round(growth(case, "ray", "peak_pss"), 3),
             "ray_memory_growth_rss": round(growth(case, "ray", "peak_rss"), 3),
             "plain_memory_growth_pss": round(growth(case, "plain", "peak_pss"), 3),
-            "ray_peak_pss_gib": round(results[f"{case}_{args.scale}x_ray"]["peak_pss"] / 2**30, 2),
-            "plain_peak_pss_gib": round(results[f"{case}_{args.scale}x_plain"]["peak_pss"] / 2**30, 2),
-            **({"ceiling_2_plain_loops": round(ratio(case, args.scale, arm="ceiling"), 3)}
-               if f"{case}_{args.scale}x_ceiling" in results else {}),
-            "images_per_s": {k.removeprefix(f"{case}_"): [round(x) for x in v["images_per_s"]]
-                             for k, v in results.items() if k.startswith(f"{case}_")},
+            "ray_peak_pss_gib": round(max(r["peak_pss"] for r in results[case][args.scale]["ray"]) / 2**30, 2),
+            "plain_peak_pss_gib": round(max(r["peak_pss"] for r in results[case][args.scale]["plain"]) / 2**30, 2),
+            **({"ceiling_2_plain_loops": round(median(ratios(case, args.scale, arm="ceiling")), 3),
+                "ceiling_rounds": [round(x, 3) for x in ratios(case, args.scale, arm="ceiling")]}
+               if results[case][args.scale]["ceiling"] else {}),
+            "images_per_s": {f"{factor}x_{arm}": [round(r["rate"]) for r in runs]
+                             for factor, by_arm in results[case].items() for arm, runs in by_arm.items() if runs},
         }
     head = "jpeg" if "jpeg" in summary else next(iter(summary))
     print(json.dumps({
         "bench": "stream", "value": summary[head][f"speedup_{args.scale}x"], "goal": 1.5, "better": "higher",
-        "ceiling": summary[head].get("ceiling_2_plain_loops"),
+        "rounds": summary[head][f"speedup_{args.scale}x_rounds"], "ceiling": summary[head].get("ceiling_2_plain_loops"),
         "memory_growth": summary[head]["ray_memory_growth_pss"], "memory_goal": 1.2, "case": head,
-        "data_growth": args.scale, "epoch": args.epochs, "cpus": os.cpu_count(), "cases": summary,
+        "data_growth": args.scale, "epochs": args.epochs, "cpus": os.cpu_count(), "cases": summary,
     }))
 
 
