@@ -48,7 +48,10 @@ from bdray.defenses.advrbd import (
     choose_seed_set,
     evaluate_model,
     expert_flags,
+    expert_folds,
+    expert_train_rows,
     given_label_prob,
+    held_out_given_prob,
     identification_metrics,
     identify_poison,
     relabel,
@@ -310,18 +313,28 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         if defense.expert.enabled:
             identified = flagged
             summary.update(identification_metrics(identified, poisoned.is_poison, "pre_expert_id_"))
+            folds = defense.expert.folds
+            fold = expert_folds(identified, defense.expert, seed)
             expert_key = {"flagged_sha": _mask_digest(identified), "recipe": cfg["defense"]["expert"]["recipe"]}
-            expert_path = train_stage("advrbd_expert", poisoned.data.subset(np.flatnonzero(~identified)),
-                                      defense.expert.recipe, expert_key, [poison_key], seed + 4,
-                                      init=poison_model_path)
-            given = given_label_prob(load_weights(spec.build(), expert_path), poisoned.data)
-            flagged = expert_flags(given, identified, defense.expert)
-            unflagged = identified & ~flagged
+            given = []
+            for j in range(folds):
+                # one fold keeps the keys of the single expert, so its stored artifacts stay valid
+                key = expert_key if folds == 1 else {**expert_key, "folds": folds, "fold": j}
+                path = train_stage("advrbd_expert", poisoned.data.subset(expert_train_rows(fold, j, folds)),
+                                   defense.expert.recipe, key, [poison_key], seed + 4 + j, init=poison_model_path)
+                expert_path = expert_path or path
+                given.append(given_label_prob(load_weights(spec.build(), path), poisoned.data))
+            flagged = expert_flags(held_out_given_prob(np.stack(given), fold), identified, defense.expert,
+                                   poisoned.data.labels)
+            unflagged, reflagged = identified & ~flagged, flagged & ~identified
             summary["expert_unflagged"] = int(unflagged.sum())
             summary["expert_unflagged_poison"] = int((unflagged & poisoned.is_poison).sum())
+            summary["expert_reflagged"] = int(reflagged.sum())
+            summary["expert_reflagged_poison"] = int((reflagged & poisoned.is_poison).sum())
             progress(f"      identification flagged {int(identified.sum())} (recall "
-                     f"{summary['pre_expert_id_recall']:.3f}); the expert un-flags {int(unflagged.sum())} "
-                     f"({summary['expert_unflagged_poison']} of them poisoned)")
+                     f"{summary['pre_expert_id_recall']:.3f}); {folds} expert(s) un-flag {int(unflagged.sum())} "
+                     f"({summary['expert_unflagged_poison']} of them poisoned) and flag "
+                     f"{int(reflagged.sum())} more ({summary['expert_reflagged_poison']} poisoned)")
         summary.update(identification_metrics(flagged, poisoned.is_poison, "id_"))
         clean_set = poisoned.data.subset(np.flatnonzero(~flagged))
         progress(f"      flagged {int(flagged.sum())}: precision {summary['id_precision']:.3f} recall "
@@ -518,7 +531,8 @@ def format_summary(summary: Mapping[str, Any], config: AdvrBDExperiment | None =
         f"{summary['premise_class_ratio']:.2f}",
         *([f"backdoor expert (ACC/ASR {100 * summary['expert_acc']:.2f}/{100 * summary['expert_asr']:.2f}) "
            f"un-flagged {summary['expert_unflagged']} of the {int(summary['pre_expert_id_flagged'])} identified "
-           f"({summary['expert_unflagged_poison']} poisoned)"] if "expert_unflagged" in summary else []),
+           f"({summary['expert_unflagged_poison']} poisoned) and flagged {summary.get('expert_reflagged', 0)} more "
+           f"({summary.get('expert_reflagged_poison', 0)} poisoned)"] if "expert_unflagged" in summary else []),
         f"identification: precision {summary['id_precision']:.3f} recall {summary['id_recall']:.3f} "
         f"F1 {summary['id_f1']:.3f} FPR {summary['id_fpr']:.3f} ({int(summary['id_leaked'])} poisons leaked)",
         f"wall time {summary['time_total']:.0f}s; MLflow run {summary.get('mlflow_run_id')}",
