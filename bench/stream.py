@@ -197,7 +197,7 @@ def measure(arm: str, path: Path, epochs: int) -> dict:
 # -- data ---------------------------------------------------------------------------------------------
 
 
-def make_sets(root: Path, case: str, rows: int, scale: int) -> dict[int, Path]:
+def make_sets(root: Path, case: str, rows: int, scale: int, rows_per_shard: int | None = None) -> dict[int, Path]:
     """A planned 1% BadNet set of ``rows`` and ``rows * scale`` samples; chunks are written as they are made."""
     from bdray.attacks import build_attack
     from bdray.data import get_dataset
@@ -207,6 +207,7 @@ def make_sets(root: Path, case: str, rows: int, scale: int) -> dict[int, Path]:
         shape, fmt, per_shard = (3, 224, 224), "jpeg", 256
     else:
         shape, fmt, per_shard = (1, 28, 28), "raw", 4096
+    per_shard = rows_per_shard or per_shard
     chunk = min(rows, 2000)
 
     def chunks(total: int):
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the arms at each size")
     parser.add_argument("--cases", default="jpeg,raw")
+    parser.add_argument("--rows-per-shard", type=int, default=None,
+                        help="rows per shard (default: 256 for JPEG, 4,096 for raw, write_source's default)")
     parser.add_argument("--workdir", default=None, help="where to write the shards (default: a temp dir)")
     parser.add_argument("--arm", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -264,7 +267,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for case in args.cases.split(","):
             rows = args.jpeg_rows if case == "jpeg" else args.raw_rows
-            sets = make_sets(Path(tmp), case, rows, args.scale)
+            sets = make_sets(Path(tmp), case, rows, args.scale, args.rows_per_shard)
             for factor, path in sets.items():
                 runs = results.setdefault(case, {}).setdefault(factor, {"plain": [], "ray": [], "ceiling": []})
                 for round_ in range(args.rounds):
