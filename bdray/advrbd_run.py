@@ -46,12 +46,9 @@ from bdray.defenses.advrbd import (
     RelabelConfig,
     RoundRecord,
     choose_seed_set,
+    cross_fit_experts,
     evaluate_model,
-    expert_flags,
-    expert_folds,
-    expert_train_rows,
     given_label_prob,
-    held_out_given_prob,
     identification_metrics,
     identify_poison,
     relabel,
@@ -314,18 +311,22 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
             identified = flagged
             summary.update(identification_metrics(identified, poisoned.is_poison, "pre_expert_id_"))
             folds = defense.expert.folds
-            fold = expert_folds(identified, defense.expert, seed)
             expert_key = {"flagged_sha": _mask_digest(identified), "recipe": cfg["defense"]["expert"]["recipe"]}
-            given = []
-            for j in range(folds):
+            expert_paths: list[Path] = []
+
+            def train_expert(j: int, rows: np.ndarray) -> np.ndarray:
                 # one fold keeps the keys of the single expert, so its stored artifacts stay valid
                 key = expert_key if folds == 1 else {**expert_key, "folds": folds, "fold": j}
-                path = train_stage("advrbd_expert", poisoned.data.subset(expert_train_rows(fold, j, folds)),
-                                   defense.expert.recipe, key, [poison_key], seed + 4 + j, init=poison_model_path)
-                expert_path = expert_path or path
-                given.append(given_label_prob(load_weights(spec.build(), path), poisoned.data))
-            flagged = expert_flags(held_out_given_prob(np.stack(given), fold), identified, defense.expert,
-                                   poisoned.data.labels)
+                expert_paths.append(train_stage("advrbd_expert", poisoned.data.subset(rows), defense.expert.recipe,
+                                                key, [poison_key], seed + 4 + j, init=poison_model_path))
+                return given_label_prob(load_weights(spec.build(), expert_paths[-1]), poisoned.data)
+
+            verdict = cross_fit_experts(identified, poisoned.data.labels, seed_mask, defense.expert, seed,
+                                        train_expert)
+            flagged = verdict.flagged
+            expert_path = expert_paths[0]  # the first fold's expert stands for them in the evaluation
+            summary.update({f"expert_threshold_class{c}": float(t) for c, t in enumerate(verdict.thresholds)})
+            raised = {c: round(float(t), 4) for c, t in enumerate(verdict.thresholds) if t > defense.expert.threshold}
             unflagged, reflagged = identified & ~flagged, flagged & ~identified
             summary["expert_unflagged"] = int(unflagged.sum())
             summary["expert_unflagged_poison"] = int((unflagged & poisoned.is_poison).sum())
@@ -334,7 +335,8 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
             progress(f"      identification flagged {int(identified.sum())} (recall "
                      f"{summary['pre_expert_id_recall']:.3f}); {folds} expert(s) un-flag {int(unflagged.sum())} "
                      f"({summary['expert_unflagged_poison']} of them poisoned) and flag "
-                     f"{int(reflagged.sum())} more ({summary['expert_reflagged_poison']} poisoned)")
+                     f"{int(reflagged.sum())} more ({summary['expert_reflagged_poison']} poisoned); class thresholds "
+                     f"raised above {defense.expert.threshold}: {raised or 'none'}")
         summary.update(identification_metrics(flagged, poisoned.is_poison, "id_"))
         clean_set = poisoned.data.subset(np.flatnonzero(~flagged))
         progress(f"      flagged {int(flagged.sum())}: precision {summary['id_precision']:.3f} recall "

@@ -10,21 +10,22 @@ batches of 256; only the engine differs:
 On the JPEG 10x set a third arm runs two plain loops at once over disjoint halves of the files: the
 ceiling any engine could reach on these cores with the same per-row work (reported as ``ceiling``).
 
-Two data sets, each at 1x and 10x rows: 224x224 RGB JPEG shards (the realistic case: decoding is
-real work that Ray spreads over the cores) and raw 28x28 pixels (decoding is a memcpy, so Ray's
-per-task overhead dominates). Each arm runs in a fresh child process whose whole process tree (Ray's
-GCS, raylet and workers included) is sampled from /proc every 0.2 s for peak RSS and PSS; PSS
-splits shared pages (Ray's object store, shared libraries) between the processes mapping them,
-so its sum is the tree's real footprint, while summed RSS counts such pages once per process.
-Each arm iterates ``--epochs`` epochs (3); its rate is the median of the epochs after the first (the
-steady state a training job sees; epoch 1 also pays Ray's worker start-up and is reported apart).
-This machine's own speed drifts by 20% from minute to minute (one plain loop, same files: 1,203 to
-1,799 images/s in one hour), so a ratio of two arms measured once each swings as much: the arms run
-in ``--rounds`` interleaved rounds (3; plain then Ray, then Ray then plain, ...), each round gives a
-ratio, and the figure is the median round's, with the spread beside it.
+Two data sets, each at 1x and 10x rows: 224x224 RGB JPEG shards of 1,024 rows (16 MB files; the
+realistic case: decoding is real work that Ray spreads over the cores) and raw 28x28 pixels
+(decoding is a memcpy, so Ray's per-task overhead dominates). Each arm runs in a fresh child
+process whose whole process tree (Ray's GCS, raylet and workers included) is sampled from /proc
+every 0.2 s for peak RSS and PSS; PSS splits shared pages (Ray's object store, shared libraries)
+between the processes mapping them, so its sum is the tree's real footprint, while summed RSS
+counts such pages once per process. Each arm iterates ``--epochs`` epochs (3); its rate is the
+median of the epochs after the first (the steady state a training job sees; epoch 1 also pays
+Ray's worker start-up and is reported apart). This machine's own speed drifts by 20% from minute
+to minute and from process to process (one plain loop, same files: 1,203 to 1,799 images/s in one
+hour), so a ratio of two arms measured once each swings as much: the arms run in ``--rounds``
+interleaved rounds (3; plain then Ray, then Ray then plain, ...), each round gives a ratio, and the
+figure is the median round's, with the spread beside it.
 
-    python bench/stream.py                       # JPEG 1,000 -> 10,000 rows and raw 60,000 -> 600,000 rows
-    python bench/stream.py --jpeg-rows 500 --raw-rows 6000 --cases jpeg   # a quick look
+    python bench/stream.py                       # JPEG 2,048 -> 20,480 rows and raw 60,000 -> 600,000 rows
+    python bench/stream.py --jpeg-rows 512 --rows-per-shard 256 --raw-rows 6000   # a quick look
 
 Ends with one JSON line: {"bench": "stream", "value": Ray/plain images/s (JPEG, 10x, median round), "goal": 1.5, ...}.
 """
@@ -204,7 +205,7 @@ def make_sets(root: Path, case: str, rows: int, scale: int, rows_per_shard: int 
     from bdray.data.shards import write_poisoned, write_source
 
     if case == "jpeg":
-        shape, fmt, per_shard = (3, 224, 224), "jpeg", 256
+        shape, fmt, per_shard = (3, 224, 224), "jpeg", 1024
     else:
         shape, fmt, per_shard = (1, 28, 28), "raw", 4096
     per_shard = rows_per_shard or per_shard
@@ -238,16 +239,21 @@ def steady_rate(run: dict) -> float:
     return median(rates[1:] or rates)
 
 
+def epoch_rate(run: dict, epoch: int | None = None) -> float:
+    """images/s of one epoch, or the run's steady rate (:func:`steady_rate`) when ``epoch`` is None."""
+    return run["rate"] if epoch is None else run["epochs"][epoch]["images"] / run["epochs"][epoch]["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jpeg-rows", type=int, default=1000)
+    parser.add_argument("--jpeg-rows", type=int, default=2048, help="1x JPEG rows (2 shards of 1,024)")
     parser.add_argument("--raw-rows", type=int, default=60000)
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the arms at each size")
     parser.add_argument("--cases", default="jpeg,raw")
     parser.add_argument("--rows-per-shard", type=int, default=None,
-                        help="rows per shard (default: 256 for JPEG, 4,096 for raw, write_source's default)")
+                        help="rows per shard (default: 1,024 for JPEG, 4,096 for raw, write_source's default)")
     parser.add_argument("--workdir", default=None, help="where to write the shards (default: a temp dir)")
     parser.add_argument("--arm", choices=["plain", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -292,11 +298,7 @@ def main() -> None:
 
     def ratios(case: str, factor: int, arm: str = "ray", epoch: int | None = None) -> list[float]:
         runs = results[case][factor]
-
-        def rate(r: dict) -> float:
-            return r["rate"] if epoch is None else r["epochs"][epoch]["images"] / r["epochs"][epoch]["seconds"]
-
-        return [rate(a) / rate(p) for a, p in zip(runs[arm], runs["plain"], strict=False)]
+        return [epoch_rate(a, epoch) / epoch_rate(p, epoch) for a, p in zip(runs[arm], runs["plain"], strict=False)]
 
     def growth(case: str, arm: str, key: str) -> float:
         big, small = results[case][args.scale][arm], results[case][1][arm]

@@ -9,7 +9,7 @@ JPEG decode runs in parallel with training.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,7 +44,8 @@ class RowTransform:
     """
 
     def __init__(self, manifest: Manifest, columns: Sequence[str], attack: Attack | None = None,
-                 plan: PlanRows | None = None, test_trigger: Attack | None = None) -> None:
+                 plan: PlanRows | None = None, test_trigger: Attack | None = None,
+                 block_rows: int | None = None) -> None:
         holder = manifest.source if manifest.mode == "planned" else manifest
         assert holder is not None
         self.mode = manifest.mode
@@ -54,8 +55,17 @@ class RowTransform:
         self.attack = attack
         self.plan = plan
         self.test_trigger = test_trigger
+        self.block_rows = block_rows
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+        # Decoded in slices of ``block_rows``, each yielded as its own output block: a task reads a
+        # whole shard file (one task per file keeps Ray's per-task cost small) but only ever holds
+        # one decoded slice, and the blocks it streams stay small whatever the shard size.
+        step = self.block_rows or batch.num_rows or 1
+        for start in range(0, batch.num_rows, step):
+            yield self._rows(batch.slice(start, step))
+
+    def _rows(self, batch: pa.Table) -> dict[str, np.ndarray]:
         n = batch.num_rows
         images = decode_images(batch.column("image"), self.image_format, self.image_shape)
         index = batch.column("index").to_numpy() if "index" in batch.column_names else np.zeros(n, np.int64)
@@ -110,10 +120,10 @@ def to_ray_dataset(
     - ``rows_per_block`` splits the stream into blocks of at most this many rows before decoding
       (a streaming split, no barrier). Each shard file is already read by its own task, so this only
       helps a set of very few large shards; on 16 JPEG shards it cost 40% of the throughput here.
-    - ``batch_size``: rows per ``map_batches`` call (not the consumer's batch size). Default: a whole
-      shard file per call when every decoded shard fits in ``WHOLE_SHARD_BYTES`` (read and decode
-      then fuse into one task per file), else 4096 for raw pixels (per-call overhead dominates: 42k
-      against 29k rows/s at 256 here) and 256 for PNG/JPEG (decoded blocks stay ~40 MB at 224x224).
+    - ``batch_size``: rows per ``map_batches`` call (not the consumer's batch size). Default: each
+      block the reader makes (a whole shard file up to Ray's block size), so read and decode fuse into
+      one task per file; the task decodes and emits :func:`block_rows` rows at a time, so what it
+      holds and what it puts into the object store stay under ``BLOCK_BYTES`` whatever the shard size.
     - ``verify="full"`` hashes every file before reading.
 
     When Ray Train workers consume the stream, leave Ray Data at least one CPU (``ray.init`` with more
@@ -153,29 +163,34 @@ def to_ray_dataset(
         ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     holder = manifest.source if manifest.mode == "planned" else manifest
     assert holder is not None
-    if batch_size is None and not rows_per_block:
-        batch_size = _whole_shard_or(holder)
-    fn: Any = RowTransform(manifest, columns, attack=attack, plan=plan, test_trigger=test_trigger)
+    c, h, w = holder.image_shape
+    rows = block_rows(c * h * w)
+    fn: Any = RowTransform(manifest, columns, attack=attack, plan=plan, test_trigger=test_trigger, block_rows=rows)
+    # batch_size None: the UDF takes each block the read makes, so read and decode fuse into one task
+    # per file (a fixed batch size split them into two operators and halved the decode parallelism).
     ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True)
     # The whole stream is one fused operator, and Ray Data's per-operator reservation kept half of
     # the CPUs for operators that are not there: on 2 CPUs the decode ran one task at a time (task
     # time 6.4 s in 6.9 s of wall time, 1,500 images/s; without the reservation 2,350). Set on this
     # dataset's own copy of the context, so no other dataset in the process changes.
     ds.context.op_resource_reservation_enabled = False
+    # Ray's output buffer emits a block once it holds more than this many bytes: set to one slice's
+    # pixels, each full slice the UDF yields leaves the task as its own block (at Ray's default of
+    # 128 MiB three 38 MB slices of 224x224 images were merged, a copy, before the put).
+    ds.context.target_max_block_size = rows * c * h * w
     return ds
 
 
-#: Largest decoded shard that is decoded as one batch (one fused read+decode task per file).
-WHOLE_SHARD_BYTES = 256 * 2**20
+#: Upper bound on a decoded output block; see :func:`block_rows`.
+BLOCK_BYTES = 64 * 2**20
 
 
-def _whole_shard_or(holder: Manifest) -> int | None:
-    """``None`` (each shard file is one batch) when every decoded shard fits ``WHOLE_SHARD_BYTES``, else
-    fixed batches. A whole-block map fuses with the read: each file is read and decoded by one task, so
-    on 2 cores two decode tasks run side by side; a fixed batch size splits read and decode into two
-    operators, and Ray Data then ran about one decode task at a time here (JPEG 224x224: 1,007 against
-    1,167 images/s at 2 CPUs)."""
-    c, h, w = holder.image_shape
-    if max((f.rows for f in holder.files), default=0) * c * h * w <= WHOLE_SHARD_BYTES:
-        return None
-    return 4096 if holder.image_format == "raw" else 256
+def block_rows(row_bytes: int) -> int:
+    """Rows per decoded output block: the largest power of two whose block fits ``BLOCK_BYTES``.
+
+    A power of two so that a consumer's batch of 64-512 rows lines up with the blocks (a batch that
+    spans two blocks is a copy in the consumer). 224x224 RGB: 256 rows (38 MB); 32x32 RGB: 16,384;
+    28x28 gray: 65,536 (a whole shard at the default 4,096 rows a shard).
+    """
+    fit = max(1, BLOCK_BYTES // max(1, row_bytes))
+    return 1 << (fit.bit_length() - 1)

@@ -159,6 +159,10 @@ class ExpertConfig(BaseModel):
                                          "clean samples keep their given label under the held-out experts (median "
                                          "above the threshold), an identified clean sample of that class is flagged "
                                          "only above this quantile of them; null: the threshold for every class")
+    class_reference: Literal["identified", "seed"] = Field("identified", description="whose held-out p sets a "
+                                                           "class's threshold: every identified clean sample of the "
+                                                           "class, or only those in the partition's seed set (the "
+                                                           "most perturbation-sensitive, so the least likely poisons)")
 
     @model_validator(mode="after")
     def _shifted(self) -> ExpertConfig:
@@ -596,12 +600,12 @@ def held_out_given_prob(given_probs: np.ndarray, fold: np.ndarray) -> np.ndarray
 
 
 def expert_flags(given_prob: np.ndarray, flagged: np.ndarray, config: ExpertConfig,
-                 labels: np.ndarray | None = None) -> np.ndarray:
+                 labels: np.ndarray | None = None, reference: np.ndarray | None = None) -> np.ndarray:
     """The suspected poisons after the expert: ``given_prob`` (from :func:`held_out_given_prob`)
     above the threshold; with one fold only among the flagged ones, which that expert did not see.
 
     With k folds an identified clean sample is held to its class's threshold
-    (:func:`expert_class_thresholds`, needs ``labels``, the given labels)."""
+    (:func:`expert_class_thresholds`, needs ``labels``, the given labels, and takes ``reference``)."""
     if not config.enabled:
         return flagged.copy()
     above = given_prob > config.threshold
@@ -609,27 +613,57 @@ def expert_flags(given_prob: np.ndarray, flagged: np.ndarray, config: ExpertConf
         return flagged & above
     if labels is None or config.class_quantile is None:
         return above
-    raised = given_prob > expert_class_thresholds(given_prob, flagged, labels, config)[labels]
+    raised = given_prob > expert_class_thresholds(given_prob, flagged, labels, config, reference)[labels]
     return np.where(flagged, above, raised)
 
 
 def expert_class_thresholds(given_prob: np.ndarray, flagged: np.ndarray, labels: np.ndarray,
-                            config: ExpertConfig) -> np.ndarray:
+                            config: ExpertConfig, reference: np.ndarray | None = None) -> np.ndarray:
     """Per given class, the held-out p above which an identified clean sample is flagged again.
 
     Trousers on Fashion-MNIST: the experts keep p(given) > 0.97 on most held-out clean trousers, so
     the shift was never learned for that class and a high p there is no sign of a trigger; flagging
     every such sample again costs the fresh model most of a class (BadNet ACC 75.6 -> 84.7 with the
     class's 0.7 quantile, docs/advrbd.md). A class whose median stays below the threshold, as an
-    all-to-one target class does, keeps the threshold, so the poisons leaked into it are still caught."""
+    all-to-one target class does, keeps the threshold, so the poisons leaked into it are still caught.
+
+    ``reference`` (a mask) narrows whose p sets a class's threshold to those identified clean samples:
+    where leaked poisons outnumber a class's identified clean images (TaCT's target class), their
+    own high p would otherwise raise the threshold that is meant to catch them."""
     thresholds = np.full(int(labels.max()) + 1, config.threshold)
     if config.class_quantile is None:
         return thresholds
+    pool = ~flagged if reference is None else ~flagged & reference
     for c in range(len(thresholds)):
-        ref = given_prob[~flagged & (labels == c)]
+        ref = given_prob[pool & (labels == c)]
         if len(ref) and np.median(ref) > config.threshold:
             thresholds[c] = max(config.threshold, float(np.quantile(ref, config.class_quantile)))
     return thresholds
+
+
+@dataclass(frozen=True)
+class ExpertVerdict:
+    """What the backdoor experts decided, with what they decided it from (logged per run)."""
+
+    flagged: np.ndarray  # the suspected poisons after the experts
+    given_prob: np.ndarray  # each sample's p(given label) under the expert(s) that did not train on it
+    thresholds: np.ndarray  # per given class, the p above which an identified clean sample is flagged again
+
+
+def cross_fit_experts(identified: np.ndarray, labels: np.ndarray, seed_mask: np.ndarray, config: ExpertConfig,
+                      seed: int, train_expert: Callable[[int, np.ndarray], np.ndarray]) -> ExpertVerdict:
+    """Train ``config.folds`` experts and re-decide ``identified`` (identification's flags).
+
+    ``train_expert(j, rows)`` trains expert ``j`` on the poisoned set's ``rows`` and returns its
+    p(given label) on every sample: in-process (:meth:`AdvrBD.fit`) or as a cached stage (the job).
+    ``labels``: the given labels; ``seed_mask``: the partition's seed set (``class_reference: seed``)."""
+    fold = expert_folds(identified, config, seed)
+    given = np.stack([train_expert(j, expert_train_rows(fold, j, config.folds)) for j in range(config.folds)])
+    prob = held_out_given_prob(given, fold)
+    reference = seed_mask if config.class_reference == "seed" else None
+    thresholds = (expert_class_thresholds(prob, identified, labels, config, reference) if config.folds > 1
+                  else np.full(int(labels.max()) + 1, config.threshold))
+    return ExpertVerdict(expert_flags(prob, identified, config, labels, reference), prob, thresholds)
 
 
 def given_label_prob(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu") -> np.ndarray:
@@ -748,7 +782,8 @@ class AdvrBD(PoisonedTrainingDefense):
 
     Fitted state: ``poisoned_model_``, ``scores_``, ``seed_mask_``, ``premise_``, ``records_``,
     ``enhanced_model_``, ``flagged_`` (suspected poisons), ``clean_model_``, ``relearned_model_``; with
-    the expert also ``identified_`` (identification's flags before it) and ``expert_models_`` (one per fold).
+    the expert also ``identified_`` (identification's flags before it), ``expert_models_`` (one per fold)
+    and ``expert_`` (an :class:`ExpertVerdict`).
     """
 
     Config = AdvrBDConfig
@@ -788,16 +823,17 @@ class AdvrBD(PoisonedTrainingDefense):
         self.flagged_ = identify_poison(self.records_, cfg.identify)
         if cfg.expert.enabled:
             self.identified_ = self.flagged_
-            fold = expert_folds(self.identified_, cfg.expert, seed)
             self.expert_models_ = []
-            for j in range(cfg.expert.folds):
+
+            def train_expert(j: int, rows: np.ndarray) -> np.ndarray:
                 torch.manual_seed(seed + 4 + j)
-                rows = expert_train_rows(fold, j, cfg.expert.folds)
                 self.expert_models_.append(fit(copy.deepcopy(poisoned_model), poisoned.subset(rows),
                                                cfg.expert.recipe, seed=seed + 4 + j, device=device))
-            given = np.stack([given_label_prob(m, poisoned, device) for m in self.expert_models_])
-            self.flagged_ = expert_flags(held_out_given_prob(given, fold), self.identified_, cfg.expert,
-                                         poisoned.labels)
+                return given_label_prob(self.expert_models_[-1], poisoned, device)
+
+            self.expert_ = cross_fit_experts(self.identified_, poisoned.labels, self.seed_mask_, cfg.expert, seed,
+                                             train_expert)
+            self.flagged_ = self.expert_.flagged
         clean = poisoned.subset(np.flatnonzero(~self.flagged_))
         torch.manual_seed(seed + 2)
         self.clean_model_ = fit(self.build(), clean, cfg.clean_train, seed=seed + 2, device=device)

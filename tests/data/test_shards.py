@@ -225,13 +225,15 @@ def stream_rows(ds) -> dict[str, np.ndarray]:
 
 
 def test_row_transform_on_materialized_shards(tmp_path, pair):
-    """The stream's UDF, called in-process on each materialized shard, gives the in-memory rows."""
+    """The stream's UDF, called in-process on each materialized shard, gives the in-memory rows, in
+    output blocks of at most ``block_rows``."""
     from bdray.data.stream import COLUMNS, RowTransform
 
     write_poisoned(tmp_path / "mat", pair.train, attack_for(pair.train, ATTACKS["wanet"]), SEED, rows_per_shard=100)
     manifest = open_shards(tmp_path / "mat")
-    transform = RowTransform(manifest, COLUMNS)
-    got = [transform(pq.read_table(f)) for f in manifest.image_files()]
+    transform = RowTransform(manifest, COLUMNS, block_rows=32)
+    got = [block for f in manifest.image_files() for block in transform(pq.read_table(f))]
+    assert [len(g["label"]) for g in got] == [32, 32, 32, 4] * 3
     got = {k: np.concatenate([g[k] for g in got]) for k in COLUMNS}
     expected = read_imageset(tmp_path / "mat")
     np.testing.assert_array_equal(got["image"], expected.data.images)
@@ -242,9 +244,10 @@ def test_row_transform_on_materialized_shards(tmp_path, pair):
 
 
 @pytest.mark.slow
-def test_stream_matches_memory(tmp_path, pair, ray_session):
+def test_stream_matches_memory(tmp_path, pair, ray_session, monkeypatch):
     import ray.data
 
+    from bdray.data import stream
     from bdray.data.stream import COLUMNS, to_ray_dataset
 
     attack = attack_for(pair.train, ATTACKS["wanet"])
@@ -266,6 +269,18 @@ def test_stream_matches_memory(tmp_path, pair, ray_session):
     np.testing.assert_array_equal(got["is_poison"], expected.is_poison)
     np.testing.assert_array_equal(got["is_cover"], expected.is_cover)
     assert expected.is_cover.any()
+
+    # Shards larger than a block: each task decodes and emits at most block_rows rows at a time (here
+    # 64 rows of 784 bytes), whatever the shard size, and the rows are the same. (Ray also cuts the
+    # read's blocks to the target size, so a 100-row shard may arrive as 62 + 38 rows.)
+    monkeypatch.setattr(stream, "BLOCK_BYTES", 64 * 784 + 100)
+    assert stream.block_rows(784) == 64
+    ds = to_ray_dataset(tmp_path / "plan", columns=COLUMNS)
+    sizes = [ray.get(ref).num_rows for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    assert max(sizes) <= 64 and sum(sizes) == 300 and len(sizes) >= 6 and ds.context.target_max_block_size == 64 * 784
+    for name, column in stream_rows(ds).items():
+        np.testing.assert_array_equal(column, got[name])
+    monkeypatch.undo()
 
     # ASR rows: the test-time trigger on the clean test split, as triggered_testset builds them
     triggered, source_index = triggered_testset(pair.test, attack)

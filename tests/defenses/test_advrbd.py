@@ -23,11 +23,13 @@ from bdray.defenses.advrbd import (
     AdvrBDPlusConfig,
     EnhanceConfig,
     ExpertConfig,
+    ExpertVerdict,
     IdentifyConfig,
     PartitionConfig,
     RelabelConfig,
     RoundRecord,
     choose_seed_set,
+    cross_fit_experts,
     draw_masks_and_starts,
     expert_class_thresholds,
     expert_flags,
@@ -320,6 +322,15 @@ def test_expert_keeps_the_flags_it_confirms_and_relearn_drops_kept_labels() -> N
     assert expert_flags(p, flags, crossed).tolist() == (p > 0.9).tolist()  # no labels: the plain threshold
     no_classes = ExpertConfig(enabled=True, folds=2, class_quantile=None)
     assert expert_flags(p, flags, no_classes, labels).tolist() == (p > 0.9).tolist()
+    # A reference set (the seed set's members) narrows whose p sets a class's threshold: class 1's
+    # leaked poisons (p 0.97, 0.99) no longer raise it when only its seed members (0.93, 0.96) count.
+    seed_members = np.array([True, True, False, False, True, True, False, False, False])
+    assert expert_class_thresholds(p, flags, labels, crossed, seed_members).tolist() == [0.9, pytest.approx(
+        np.quantile([0.93, 0.96], 0.7))]
+    members_low = np.array([True, True, False, False, True, False, False, False, False])  # class 1: 0.93 only
+    assert expert_class_thresholds(p, flags, labels, crossed, members_low)[1] == pytest.approx(0.93)
+    assert expert_flags(p, flags, crossed, labels, seed_members).tolist() == [False, False, True, True, False,
+                                                                                True, True, True, True]
 
     identified = np.array([True, False, False, False, False, False, True])
     fold = expert_folds(identified, ExpertConfig(enabled=True, folds=2), seed=0)
@@ -371,18 +382,27 @@ def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, p
     leaked = is_poison & (rng.random(len(is_poison)) < 0.2)
     identified = (is_poison & ~leaked) | (~is_poison & (rng.random(len(is_poison)) < 0.33))
 
-    def expert_decision(folds: int, class_quantile: float | None = None) -> np.ndarray:
-        config = ExpertConfig(enabled=True, folds=folds, class_quantile=class_quantile)
-        fold = expert_folds(identified, config, seed=0)
-        given = []
-        for j in range(folds):
-            torch.manual_seed(j)
-            expert = fit(copy.deepcopy(partition_model), poisoned.data.subset(expert_train_rows(fold, j, folds)),
-                         config.recipe, seed=j)
-            given.append(given_label_prob(expert, poisoned.data))
-        return expert_flags(held_out_given_prob(np.stack(given), fold), identified, config, poisoned.data.labels)
+    trained: list[np.ndarray] = []
 
-    single, crossed = expert_decision(1), expert_decision(3)
+    def expert_decision(folds: int, class_quantile: float | None = None) -> ExpertVerdict:
+        config = ExpertConfig(enabled=True, folds=folds, class_quantile=class_quantile)
+
+        def train_expert(j: int, rows: np.ndarray) -> np.ndarray:
+            trained.append(rows)
+            torch.manual_seed(j)
+            return given_label_prob(fit(copy.deepcopy(partition_model), poisoned.data.subset(rows), config.recipe,
+                                        seed=j), poisoned.data)
+
+        return cross_fit_experts(identified, poisoned.data.labels, ~identified, config, 0, train_expert)
+
+    single = expert_decision(1)
+    assert len(trained) == 1 and set(trained[0]) == set(np.flatnonzero(~identified))
+    assert (single.thresholds == 0.9).all()  # one expert: the plain threshold for every class
+    crossed = expert_decision(3)
+    # each identified clean sample is outside exactly one of the three experts' training sets
+    assert len(trained) == 4 and (sum(np.isin(np.arange(len(identified)), r) for r in trained[1:])
+                                  == np.where(identified, 0, 2)).all()
+    single, crossed = single.flagged, crossed.flagged
     assert leaked.sum() >= 10 and not (single & leaked).any()  # one expert trained on them: blind to them
     # Experts that never saw them still give most leaked poisons their target label (tiny data: 10 of
     # 15), and few identified clean samples theirs.
@@ -392,7 +412,12 @@ def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, p
     # advrbd+'s class thresholds only ever flag fewer identified clean samples. Here the tiny experts
     # keep p(target) > 0.9 on most identified clean target-class images, so that class's threshold rises
     # and about half the leaked poisons pass (on Fashion-MNIST no target class did: docs/advrbd.md).
-    per_class = expert_decision(3, class_quantile=0.7)
+    verdict = expert_decision(3, class_quantile=0.7)
+    target = poisoned.data.labels[is_poison][0]
+    assert verdict.thresholds[target] > 0.9 and verdict.flagged.tolist() == expert_flags(
+        verdict.given_prob, identified, ExpertConfig(enabled=True, folds=3, class_quantile=0.7),
+        poisoned.data.labels).tolist()
+    per_class = verdict.flagged
     assert not (per_class & ~crossed).any() and (per_class & identified).tolist() == (crossed & identified).tolist()
     assert (per_class & leaked).sum() < (crossed & leaked).sum()
 
