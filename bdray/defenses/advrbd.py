@@ -613,8 +613,14 @@ def expert_flags(given_prob: np.ndarray, flagged: np.ndarray, config: ExpertConf
         return flagged & above
     if labels is None or config.class_quantile is None:
         return above
-    raised = given_prob > expert_class_thresholds(given_prob, flagged, labels, config, reference)[labels]
-    return np.where(flagged, above, raised)
+    return _held_to_class(given_prob, flagged, labels, expert_class_thresholds(given_prob, flagged, labels, config,
+                                                                                 reference), config.threshold)
+
+
+def _held_to_class(given_prob: np.ndarray, flagged: np.ndarray, labels: np.ndarray, thresholds: np.ndarray,
+                   threshold: float) -> np.ndarray:
+    """A flagged sample goes by ``threshold``, an identified clean one by its given class's threshold."""
+    return np.where(flagged, given_prob > threshold, given_prob > thresholds[labels])
 
 
 def expert_class_thresholds(given_prob: np.ndarray, flagged: np.ndarray, labels: np.ndarray,
@@ -660,10 +666,13 @@ def cross_fit_experts(identified: np.ndarray, labels: np.ndarray, seed_mask: np.
     fold = expert_folds(identified, config, seed)
     given = np.stack([train_expert(j, expert_train_rows(fold, j, config.folds)) for j in range(config.folds)])
     prob = held_out_given_prob(given, fold)
+    if config.folds == 1:
+        return ExpertVerdict(expert_flags(prob, identified, config), prob, np.full(int(labels.max()) + 1,
+                                                                                     config.threshold))
+    # the thresholds once, both to decide with and to log
     reference = seed_mask if config.class_reference == "seed" else None
-    thresholds = (expert_class_thresholds(prob, identified, labels, config, reference) if config.folds > 1
-                  else np.full(int(labels.max()) + 1, config.threshold))
-    return ExpertVerdict(expert_flags(prob, identified, config, labels, reference), prob, thresholds)
+    thresholds = expert_class_thresholds(prob, identified, labels, config, reference)
+    return ExpertVerdict(_held_to_class(prob, identified, labels, thresholds, config.threshold), prob, thresholds)
 
 
 def given_label_prob(model: nn.Module, data: ImageSet, device: str | torch.device = "cpu") -> np.ndarray:
