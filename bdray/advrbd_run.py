@@ -311,12 +311,14 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
             identified = flagged
             summary.update(identification_metrics(identified, poisoned.is_poison, "pre_expert_id_"))
             folds = defense.expert.folds
-            expert_key = {"flagged_sha": _mask_digest(identified), "recipe": cfg["defense"]["expert"]["recipe"]}
+            expert_recipe = cfg["defense"]["expert"]["recipe"]
             expert_paths: list[Path] = []
 
-            def train_expert(j: int, rows: np.ndarray) -> np.ndarray:
-                # one fold keeps the keys of the single expert, so its stored artifacts stay valid
-                key = expert_key if folds == 1 else {**expert_key, "folds": folds, "fold": j}
+            def train_expert(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+                # keyed by the samples kept out of training: the first round's (identification's flags) are
+                # the keys stored before rounds existed, and one fold keeps the single expert's keys
+                key = {"flagged_sha": _mask_digest(excluded), "recipe": expert_recipe}
+                key = key if folds == 1 else {**key, "folds": folds, "fold": j}
                 expert_paths.append(train_stage("advrbd_expert", poisoned.data.subset(rows), defense.expert.recipe,
                                                 key, [poison_key], seed + 4 + j, init=poison_model_path))
                 return given_label_prob(load_weights(spec.build(), expert_paths[-1]), poisoned.data)
@@ -324,14 +326,22 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
             verdict = cross_fit_experts(identified, poisoned.data.labels, seed_mask, defense.expert, seed,
                                         train_expert)
             flagged = verdict.flagged
-            expert_path = expert_paths[0]  # the first fold's expert stands for them in the evaluation
+            expert_path = expert_paths[-folds]  # the last round's first expert stands for them in the evaluation
             summary.update({f"expert_threshold_class{c}": float(t) for c, t in enumerate(verdict.thresholds)})
+            summary["expert_rounds"] = len(verdict.history)
             raised = {c: round(float(t), 4) for c, t in enumerate(verdict.thresholds) if t > defense.expert.threshold}
             unflagged, reflagged = identified & ~flagged, flagged & ~identified
             summary["expert_unflagged"] = int(unflagged.sum())
             summary["expert_unflagged_poison"] = int((unflagged & poisoned.is_poison).sum())
             summary["expert_reflagged"] = int(reflagged.sum())
             summary["expert_reflagged_poison"] = int((reflagged & poisoned.is_poison).sum())
+            for r, decided in enumerate(verdict.history):
+                round_id = identification_metrics(decided, poisoned.is_poison)
+                if run is not None:
+                    run.log_metrics({f"expert_round_{k}": v for k, v in round_id.items()}, step=r)
+                if len(verdict.history) > 1:
+                    progress(f"      expert round {r}: flagged {int(decided.sum())}, recall {round_id['recall']:.3f}, "
+                             f"FPR {round_id['fpr']:.3f}")
             progress(f"      identification flagged {int(identified.sum())} (recall "
                      f"{summary['pre_expert_id_recall']:.3f}); {folds} expert(s) un-flag {int(unflagged.sum())} "
                      f"({summary['expert_unflagged_poison']} of them poisoned) and flag "

@@ -109,6 +109,7 @@ def test_registry_and_faithful_defaults() -> None:
     assert not faithful.expert.enabled and not faithful.relabel.drop_kept
     assert plus.expert.enabled and plus.relabel.drop_kept and plus.expert.recipe.label_shift == 1
     assert faithful.expert.folds == 1 and plus.expert.folds == 3
+    assert faithful.expert.rounds == 1 and plus.expert.rounds == 2
 
 
 def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
@@ -387,7 +388,7 @@ def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, p
     def expert_decision(folds: int, class_quantile: float | None = None) -> ExpertVerdict:
         config = ExpertConfig(enabled=True, folds=folds, class_quantile=class_quantile)
 
-        def train_expert(j: int, rows: np.ndarray) -> np.ndarray:
+        def train_expert(j: int, rows: np.ndarray, _flagged: np.ndarray) -> np.ndarray:
             trained.append(rows)
             torch.manual_seed(j)
             return given_label_prob(fit(copy.deepcopy(partition_model), poisoned.data.subset(rows), config.recipe,
@@ -420,6 +421,50 @@ def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, p
     per_class = verdict.flagged
     assert not (per_class & ~crossed).any() and (per_class & identified).tolist() == (crossed & identified).tolist()
     assert (per_class & leaked).sum() < (crossed & leaked).sum()
+
+
+def test_expert_rounds_train_on_what_the_last_round_left_unflagged() -> None:
+    # A stand-in for the experts with the dynamics measured on TaCT (docs/advrbd.md): an expert that
+    # trained on k leaked poisons learned to shift their trigger in proportion, so poison i keeps
+    # p(target) = 1 - k * w[i] (w: how weakly the poison implants); clean samples get p = 0.1.
+    n, poisons = 600, 60
+    is_poison = np.arange(n) < poisons
+    labels = np.where(is_poison, 0, np.arange(n) % 9 + 1)
+    weakness = np.zeros(n)
+    weakness[:poisons] = np.random.default_rng(0).permutation(np.linspace(0.0005, 0.004, poisons))
+    identified = is_poison & (np.arange(n) >= 45)  # identification found 15, leaked 45
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def train_expert(j: int, rows: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+        calls.append((rows, flagged))
+        return np.where(is_poison, 1 - is_poison[rows].sum() * weakness, 0.1)
+
+    config = ExpertConfig(enabled=True, folds=3, rounds=20)
+    verdict = cross_fit_experts(identified, labels, ~identified, config, 0, train_expert)
+    recall = [decided[is_poison].mean() for decided in verdict.history]
+    assert 2 < len(verdict.history) < config.rounds  # stopped when a round added nothing
+    assert verdict.history[-1] is verdict.flagged and np.array_equal(verdict.history[-1], verdict.history[-2])
+    assert recall[0] < 0.5 and recall[-1] > 0.95 and recall == sorted(recall)
+    assert not verdict.flagged[~is_poison].any()
+    excluded = identified
+    for r, decided in enumerate(verdict.history):
+        assert r == 0 or not (excluded & ~decided).any()  # after the first round only flags are added
+        fold = expert_folds(excluded, config, 0)
+        for j in range(3):
+            rows, given = calls[3 * r + j]
+            assert np.array_equal(given, excluded)  # what the job keys the expert by
+            # never a flagged sample; never its own fold, which is the same in every round
+            assert not excluded[rows].any() and not (fold[rows] == j).any()
+            assert (expert_folds(np.zeros(n, bool), config, 0)[rows] != j).all()
+        excluded = decided
+    assert len(calls) == 3 * len(verdict.history)  # one entry per round of experts trained
+    # one round is the experts of before; one expert only un-flags, so it never trains a second round
+    assert np.array_equal(cross_fit_experts(identified, labels, ~identified, ExpertConfig(enabled=True, folds=3),
+                                            0, train_expert).flagged, verdict.history[0])
+    calls.clear()
+    single = cross_fit_experts(identified, labels, ~identified, ExpertConfig(enabled=True, folds=1, rounds=5), 0,
+                               train_expert)
+    assert len(calls) == 1 and len(single.history) == 1
 
 
 def test_in_process_defense_finds_the_poisons(poisoned, partition_model) -> None:
@@ -492,7 +537,10 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     stages = [e["stage"] for e in __import__("bdray.stages", fromlist=["StageStore"])
               .StageStore(tmp_path / "store" / "stages").executions()]
     assert stages.count("advrbd_poisoned") == 1 and stages.count("advrbd_scores") == 1
-    assert stages.count("advrbd_expert") == plus.defense.expert.folds == 3
+    # one stage per expert and round; each round an MLflow step
+    assert stages.count("advrbd_expert") == plus.defense.expert.folds * again["expert_rounds"] == 3 * 2
+    steps = sorted(client.get_metric_history(again["mlflow_run_id"], "expert_round_recall"), key=lambda m: m.step)
+    assert [m.step for m in steps] == [0, 1] and steps[1].value >= steps[0].value - 1e-9  # later rounds only add
     # A union over rounds only adds flags; then the experts take back flags, few of them on poisons,
     # and may flag identified clean samples.
     assert again["pre_expert_id_recall"] >= summary["id_recall"] - 1e-9
