@@ -864,7 +864,7 @@ class AdvrBD(PoisonedTrainingDefense):
             self.identified_ = self.flagged_
             self.expert_models_ = []
 
-            def train_expert(j: int, rows: np.ndarray, _flagged: np.ndarray) -> np.ndarray:
+            def train_expert(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
                 torch.manual_seed(seed + 4 + j)
                 self.expert_models_.append(fit(copy.deepcopy(poisoned_model), poisoned.subset(rows),
                                                cfg.expert.recipe, seed=seed + 4 + j, device=device))

@@ -388,7 +388,7 @@ def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, p
     def expert_decision(folds: int, class_quantile: float | None = None) -> ExpertVerdict:
         config = ExpertConfig(enabled=True, folds=folds, class_quantile=class_quantile)
 
-        def train_expert(j: int, rows: np.ndarray, _flagged: np.ndarray) -> np.ndarray:
+        def train_expert(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
             trained.append(rows)
             torch.manual_seed(j)
             return given_label_prob(fit(copy.deepcopy(partition_model), poisoned.data.subset(rows), config.recipe,
