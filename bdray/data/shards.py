@@ -147,11 +147,16 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps({**self.body(), "content_hash": self.content_hash}, indent=2, sort_keys=True) + "\n"
 
-    def image_files(self) -> list[str]:
-        """Full paths (in ``filesystem``) of the shards holding the images, in row order."""
+    def image_manifest(self) -> Manifest:
+        """The manifest whose shards hold the images (format, shape, files): this one, or a planned set's source."""
         holder = self.source if self.mode == "planned" else self
         if holder is None:
             raise ShardError(f"{self.root}: the planned set's source was not opened")
+        return holder
+
+    def image_files(self) -> list[str]:
+        """Full paths (in ``filesystem``) of the shards holding the images, in row order."""
+        holder = self.image_manifest()
         return [_join(holder.root, f.path) for f in holder.files]
 
 
@@ -629,8 +634,7 @@ def read_imageset(path: str | os.PathLike, *, attack: Attack | None = None,
 
     manifest = open_shards(path, filesystem=filesystem, verify=verify)
     fs = manifest.filesystem or pafs.LocalFileSystem()
-    holder = manifest.source if manifest.mode == "planned" else manifest
-    assert holder is not None
+    holder = manifest.image_manifest()
     if manifest.mode == "planned":
         attack = attack or load_attack(manifest)
         plan = read_plan(manifest)

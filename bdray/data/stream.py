@@ -46,8 +46,7 @@ class RowTransform:
     def __init__(self, manifest: Manifest, columns: Sequence[str], attack: Attack | None = None,
                  plan: PlanRows | None = None, test_trigger: Attack | None = None,
                  block_rows: int | None = None) -> None:
-        holder = manifest.source if manifest.mode == "planned" else manifest
-        assert holder is not None
+        holder = manifest.image_manifest()
         self.mode = manifest.mode
         self.image_format = holder.image_format
         self.image_shape = holder.image_shape
@@ -161,9 +160,7 @@ def to_ray_dataset(
     if rows_per_block:
         # Streaming split (no barrier): memory stays bounded as the data grows, unlike repartition(n).
         ds = ds.repartition(target_num_rows_per_block=rows_per_block)
-    holder = manifest.source if manifest.mode == "planned" else manifest
-    assert holder is not None
-    c, h, w = holder.image_shape
+    c, h, w = manifest.image_manifest().image_shape
     rows = block_rows(c * h * w)
     fn: Any = RowTransform(manifest, columns, attack=attack, plan=plan, test_trigger=test_trigger, block_rows=rows)
     # batch_size None: the UDF takes each block the read makes, so read and decode fuse into one task

@@ -680,6 +680,7 @@ def cross_fit_experts(identified: np.ndarray, labels: np.ndarray, seed_mask: np.
     un-flagged Blend's poisons (recall 0.986 -> 0.780 in four rounds, docs/advrbd.md). Stops when a
     round adds nothing. A sample keeps its fold in every round (drawn once per seed), so expert j
     never judges a sample it trained on."""
+    reference = seed_mask if config.class_reference == "seed" else None
     excluded = identified
     history: list[np.ndarray] = []
     # one expert only un-flags, so a later round could add nothing
@@ -693,7 +694,6 @@ def cross_fit_experts(identified: np.ndarray, labels: np.ndarray, seed_mask: np.
             decided = expert_flags(prob, excluded, config)
         else:
             # the thresholds once, both to decide with and to log
-            reference = seed_mask if config.class_reference == "seed" else None
             thresholds = expert_class_thresholds(prob, excluded, labels, config, reference)
             decided = _held_to_class(prob, excluded, labels, thresholds, config.threshold)
         if r:
