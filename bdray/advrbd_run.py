@@ -361,22 +361,29 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         rounds = defense.relabel.rounds
         progress(f"[7/8] relabel the suspected poisons ({defense.relabel.rule}) and relearn, {rounds} round(s)")
         torch.set_num_threads(max(1, int(config.ray.train.cpus_per_worker)))
-        relearn_key = {**ident_key, "relearn": cfg["defense"]["relearn"]}
+        scratch = defense.relabel.relearn_from == "scratch"
+        relearn_recipe = defense.clean_train if scratch else defense.relearn
+        relearn_key = {**ident_key, "relearn": relearn_recipe.model_dump(mode="json")}
         if cfg["defense"]["relabel"] != RelabelConfig().model_dump(mode="json"):
             relearn_key["relabel"] = cfg["defense"]["relabel"]  # the paper's rule keeps its earlier keys
         relearn_path, relearn_rounds, rejected = clean_path, [], None
         model = load_weights(spec.build(), clean_path)
         for r in range(rounds):
-            relabeled = relabel(poisoned.data, flagged, predict_proba(model, poisoned.data.images), defense.relabel,
-                                rejected)
+            probs = predict_proba(model, poisoned.data.images)
+            relabeled = relabel(poisoned.data, flagged, probs, defense.relabel, rejected)
             rejected = relabeled.labels != poisoned.data.labels
             key = relearn_key if r == 0 else {**relearn_key, "round": r, "labels_sha": _digest(relabeled.labels)}
-            rows = relearn_rows(relabeled, poisoned.data, flagged, defense.relabel)
-            relearn_path = train_stage("advrbd_relearn", relabeled.subset(rows), defense.relearn, key, [], seed + 3 + r,
-                                       init=relearn_path, run_id=run_id,
+            rows = relearn_rows(relabeled, poisoned.data, flagged, defense.relabel, probs)
+            relearn_path = train_stage("advrbd_relearn", relabeled.subset(rows), relearn_recipe, key, [], seed + 3 + r,
+                                       init=None if scratch else relearn_path, run_id=run_id,
                                        prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
             model = load_weights(spec.build(), relearn_path)  # evaluated here, relabels the next round
+            # reclaimed: flagged, kept its given label, and relearned all the same (drop_kept would drop it)
+            back = np.zeros_like(flagged)
+            back[rows] = defense.relabel.drop_kept
+            back &= flagged & (relabeled.labels == poisoned.data.labels)
             record = {"round": r, "relabeled": int(rejected.sum()), "relearned_on": len(rows),
+                      "reclaimed": int(back.sum()), "reclaimed_poison": int((back & poisoned.is_poison).sum()),
                       **_relabel_rates(relabeled.labels, poisoned),
                       **evaluate_model(model, truth)}
             relearn_rounds.append(record)
@@ -385,10 +392,14 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
                                  if k != "round" and v == v}, step=r)
             poisons = (f"{100 * record['relabel_true_rate_poison']:.1f}% of poisons to their true class"
                        if len(poisoned.poison_index) else "no poisons")
-            progress(f"      relearn round {r}: {record['relabeled']} relabeled ({poisons}), ACC/ASR "
+            back_note = (f", {record['reclaimed']} reclaimed ({record['reclaimed_poison']} poisoned)"
+                         if defense.relabel.reclaim is not None else "")
+            progress(f"      relearn round {r}: {record['relabeled']} relabeled ({poisons}){back_note}, "
+                     f"{'trained from scratch' if scratch else 'finetuned'} on {len(rows)}, ACC/ASR "
                      f"{100 * record['acc']:.2f}/{100 * record['asr']:.2f}")
         last = relearn_rounds[-1]
-        summary.update({k: last[k] for k in ("relabel_true_rate_poison", "relabel_kept_rate_poison", "relabeled")})
+        summary.update({k: last[k] for k in ("relabel_true_rate_poison", "relabel_kept_rate_poison", "relabeled",
+                                             "reclaimed", "reclaimed_poison")})
         summary["relearn_acc"], summary["relearn_asr"] = last["acc"], last["asr"]
 
         progress("[8/8] evaluate")

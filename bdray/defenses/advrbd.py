@@ -133,6 +133,15 @@ class RelabelConfig(BaseModel):
     drop_kept: bool = Field(False, description="relearn without the flagged samples that kept their given label "
                             "(the paper relearns on all of them); a poison whose target label the model finds "
                             "plausible would re-implant the trigger")
+    # The two fields below are left out of the dump at their defaults, so configs (and the stage and
+    # results-cell keys made from them) that do not use them keep the keys they had before them.
+    reclaim: float | None = Field(None, gt=0, lt=1, exclude_if=lambda v: v is None, description=(
+        "only with drop_kept (without it every sample is relearned): a flagged sample that kept its given label "
+        "is relearned all the same when the model predicts that label (argmax) with at least this probability; "
+        "null: never"))
+    relearn_from: Literal["model", "scratch"] = Field("model", exclude_if=lambda v: v == "model", description=(
+        "'model': finetune the last model with the relearn recipe (Eq. 5); 'scratch': train a new model on the "
+        "relearn set with clean_train's recipe"))
 
 
 class ExpertConfig(BaseModel):
@@ -210,8 +219,8 @@ class AdvrBDPlusConfig(AdvrBDConfig):
     enhance: EnhanceConfig = EnhanceConfig(clean_fraction=0.7, grow_by="loss")
     identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
     premise: PremiseConfig = PremiseConfig(check=True)
-    relabel: RelabelConfig = RelabelConfig(rule="plausible", drop_kept=True)
-    expert: ExpertConfig = ExpertConfig(enabled=True, folds=3, rounds=2)
+    relabel: RelabelConfig = RelabelConfig(rule="plausible", drop_kept=True, reclaim=0.7, relearn_from="scratch")
+    expert: ExpertConfig = ExpertConfig(enabled=True, folds=3, rounds=4)
 
     #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
     #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
@@ -219,8 +228,8 @@ class AdvrBDPlusConfig(AdvrBDConfig):
         "enhance": {"clean_fraction": 0.7, "grow_by": "loss"},
         "identify": {"last_rounds": 3},
         "premise": {"check": True},
-        "relabel": {"rule": "plausible", "drop_kept": True},
-        "expert": {"enabled": True, "folds": 3, "rounds": 2},
+        "relabel": {"rule": "plausible", "drop_kept": True, "reclaim": 0.7, "relearn_from": "scratch"},
+        "expert": {"enabled": True, "folds": 3, "rounds": 4},
     }
 
     @model_validator(mode="before")
@@ -710,12 +719,30 @@ def given_label_prob(model: nn.Module, data: ImageSet, device: str | torch.devic
     return predict_proba(model, data.images, device=device)[np.arange(len(data)), data.labels]
 
 
-def relearn_rows(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, config: RelabelConfig) -> np.ndarray:
+def relearn_rows(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, config: RelabelConfig,
+                 probs: np.ndarray | None = None) -> np.ndarray:
     """The samples relearned on: all of them, or (``drop_kept``) all but the flagged ones that kept
-    their given label."""
+    their given label, less (``reclaim``) those of them whose given label the model (``probs``, the
+    one that relabeled) predicts with p >= reclaim."""
     if not config.drop_kept:
         return np.arange(len(given))
-    return np.flatnonzero(~(flagged & (relabeled.labels == given.labels)))
+    dropped = flagged & (relabeled.labels == given.labels)
+    if config.reclaim is not None:
+        if probs is None:
+            raise ValueError("relabel.reclaim needs the relabeling model's probabilities (probs)")
+        dropped &= ~reclaimed(given.labels, probs, config.reclaim)
+    return np.flatnonzero(~dropped)
+
+
+def reclaimed(labels: np.ndarray, probs: np.ndarray, min_prob: float) -> np.ndarray:
+    """Where a model trained without the flagged samples predicts the given label with p >= min_prob.
+
+    Why it is safe to give these back: that model never learned a trigger, so a poison's given label
+    (the target) is one it predicts only where the image itself looks like the target class; clean
+    samples flagged with the rest of their class are what it predicts right (docs/advrbd.md, "Reclaim").
+    """
+    p = probs[np.arange(len(labels)), labels]
+    return (probs.argmax(1) == labels) & (p >= min_prob)
 
 
 def identification_metrics(flagged: np.ndarray, is_poison: np.ndarray, prefix: str = "") -> dict[str, float]:
@@ -881,9 +908,11 @@ class AdvrBD(PoisonedTrainingDefense):
             probs = predict_proba(model, poisoned.images, device=device)
             self.relabeled_ = relabel(poisoned, self.flagged_, probs, cfg.relabel, rejected)
             rejected = self.relabeled_.labels != poisoned.labels
-            rows = relearn_rows(self.relabeled_, poisoned, self.flagged_, cfg.relabel)
-            model = fit(copy.deepcopy(model), self.relabeled_.subset(rows), cfg.relearn, seed=seed + 3 + r,
-                        device=device)
+            rows = relearn_rows(self.relabeled_, poisoned, self.flagged_, cfg.relabel, probs)
+            torch.manual_seed(seed + 3 + r)
+            start, recipe = ((self.build(), cfg.clean_train) if cfg.relabel.relearn_from == "scratch"
+                             else (copy.deepcopy(model), cfg.relearn))
+            model = fit(start, self.relabeled_.subset(rows), recipe, seed=seed + 3 + r, device=device)
         self.relearned_model_ = model
         return self
 

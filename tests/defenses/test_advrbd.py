@@ -45,6 +45,7 @@ from bdray.defenses.advrbd import (
     partition_scores,
     partition_scores_loop,
     premise_check,
+    reclaimed,
     relabel,
     relearn_rows,
     round_batches,
@@ -52,7 +53,7 @@ from bdray.defenses.advrbd import (
     unlearn_loss,
 )
 from bdray.models import ModelSpec
-from bdray.train import TrainRecipe, fit
+from bdray.train import TrainRecipe, fit, predict_proba
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
@@ -109,7 +110,9 @@ def test_registry_and_faithful_defaults() -> None:
     assert not faithful.expert.enabled and not faithful.relabel.drop_kept
     assert plus.expert.enabled and plus.relabel.drop_kept and plus.expert.recipe.label_shift == 1
     assert faithful.expert.folds == 1 and plus.expert.folds == 3
-    assert faithful.expert.rounds == 1 and plus.expert.rounds == 2
+    assert faithful.expert.rounds == 1 and plus.expert.rounds == 4
+    assert faithful.relabel.reclaim is None and faithful.relabel.relearn_from == "model"
+    assert plus.relabel.reclaim == 0.7 and plus.relabel.relearn_from == "scratch"
 
 
 def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
@@ -356,6 +359,57 @@ def test_expert_keeps_the_flags_it_confirms_and_relearn_drops_kept_labels() -> N
     assert relearn_rows(relabeled, data, flagged, RelabelConfig()).tolist() == [0, 1, 2, 3, 4]
 
 
+def test_reclaim_gives_back_the_kept_labels_the_model_predicts_itself() -> None:
+    from bdray.data.base import ImageSet
+
+    data = ImageSet(np.zeros((6, 1, 2, 2), np.uint8), np.array([0, 0, 1, 2, 2, 1]), num_classes=3)
+    relabeled = data.replace(labels=np.array([0, 0, 1, 2, 0, 1]))  # sample 4 was relabeled 2 -> 0
+    flagged = np.array([True, True, True, False, True, False])
+    probs = np.array([[0.80, 0.10, 0.10],   # flagged, kept, predicted 0 at 0.8: reclaimed at 0.5, not at 0.9
+                      [0.45, 0.50, 0.05],   # flagged, kept, its label is not the argmax: dropped
+                      [0.30, 0.60, 0.10],   # flagged, kept, argmax 1 at 0.6
+                      [0.10, 0.10, 0.80],   # not flagged
+                      [0.96, 0.02, 0.02],   # flagged, relabeled
+                      [0.10, 0.80, 0.10]])  # not flagged
+    assert reclaimed(data.labels, probs, 0.5).tolist() == [True, False, True, True, False, True]
+    drop = RelabelConfig(drop_kept=True)
+    assert relearn_rows(relabeled, data, flagged, drop, probs).tolist() == [3, 4, 5]
+    assert relearn_rows(relabeled, data, flagged, drop.model_copy(update={"reclaim": 0.5}),
+                        probs).tolist() == [0, 2, 3, 4, 5]
+    assert relearn_rows(relabeled, data, flagged, drop.model_copy(update={"reclaim": 0.9}),
+                        probs).tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="probs"):
+        relearn_rows(relabeled, data, flagged, drop.model_copy(update={"reclaim": 0.5}))
+    assert relearn_rows(relabeled, data, flagged, RelabelConfig(reclaim=0.5), probs).tolist() == list(range(6))
+    # Left out of the dump at their defaults: configs that do not use them keep their stage keys.
+    assert set(RelabelConfig().model_dump()) == {"rule", "min_prob", "rounds", "drop_kept"}
+    assert RelabelConfig(drop_kept=True, reclaim=0.5, relearn_from="scratch").model_dump()["reclaim"] == 0.5
+
+
+def test_relearn_from_scratch_trains_a_new_model_on_the_reclaimed_set(poisoned, partition_model) -> None:
+    # six epochs: a fresh model that knows the classes well enough to give any label back
+    base = {"partition": {"radius": 2, "steps": 2}, "enhance": {"rounds": 3, "growth": 0.1, "batch_size": 64},
+            "identify": {"last_rounds": 2}, "clean_train": {"epochs": 6, "batch_size": 64},
+            "relearn": {"epochs": 1, "batch_size": 64, "lr": 0.01}, "expert": {"folds": 1}}
+    config = AdvrBDPlusConfig.model_validate({**base, "relabel": {"reclaim": 0.5, "relearn_from": "scratch"}})
+    assert config.relabel.rule == "plausible" and config.relabel.drop_kept  # advrbd+'s, kept
+    defense = AdvrBDPlus(config, spec().build).fit(poisoned.data, seed=0, poisoned_model=partition_model)
+    finetuned = AdvrBDPlus(AdvrBDPlusConfig.model_validate(base), spec().build).fit(
+        poisoned.data, seed=0, poisoned_model=partition_model)
+    assert np.array_equal(defense.flagged_, finetuned.flagged_)  # the same stages up to the relearn
+    # From scratch: no weight shared with the fresh model it relabeled with.
+    fresh, new = defense.clean_model_.state_dict(), defense.relearned_model_.state_dict()
+    assert not any(torch.equal(fresh[k], new[k]) for k in fresh if k.endswith("weight"))
+    probs = predict_proba(defense.clean_model_, poisoned.data.images)
+    back = reclaimed(poisoned.data.labels, probs, 0.5) & defense.flagged_
+    back &= defense.relabeled_.labels == poisoned.data.labels
+    # The fresh model gives back flagged clean samples and no poison (it never learned the trigger).
+    assert back.sum() > 0 and not (back & poisoned.is_poison).any()
+    clean = ~poisoned.is_poison
+    acc = predict_proba(defense.relearned_model_, poisoned.data.images).argmax(1)[clean]
+    assert (acc == poisoned.data.labels[clean]).mean() > 0.6
+
+
 def test_in_process_expert_unflags_clean_samples_and_keeps_the_poisons(poisoned, partition_model) -> None:
     config = AdvrBDPlusConfig.model_validate({
         "partition": {"radius": 2, "steps": 2},
@@ -532,7 +586,7 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     # advrbd+ reuses the partition model, the clean reference and the scores.
     plus = validate_advrbd(_run_config(tmp_path, name="advrbd+", enhance={**config.defense.enhance.model_dump(),
                                                                           "grow_by": "loss"},
-                                       identify={"last_rounds": 2}, relabel={"rounds": 3}))
+                                       identify={"last_rounds": 2}, relabel={"rounds": 3}, expert={"rounds": 2}))
     again = run_advrbd(plus, progress=lambda _: None)
     stages = [e["stage"] for e in __import__("bdray.stages", fromlist=["StageStore"])
               .StageStore(tmp_path / "store" / "stages").executions()]
@@ -551,6 +605,9 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     assert again["expert_asr"] > 0.5 and 0 <= again["expert_acc"] <= 1  # the expert kept the backdoor
     relearned = [r["relearned_on"] for r in again["relearn_rounds"]]
     assert all(n < again["num_train"] for n in relearned)  # drop_kept: flagged samples that kept their label
+    # ... less those the fresh model predicts itself (reclaim), each round a new model on them
+    assert plus.defense.relabel.reclaim and plus.defense.relabel.relearn_from == "scratch"
+    assert all(0 < r["reclaimed"] and r["reclaimed_poison"] <= 0.25 * r["reclaimed"] for r in again["relearn_rounds"])
     # advrbd+'s relabel rounds: each a stage and an MLflow step; the plausible rule relabels at most
     # what the paper's rule does, and the poisons still lose their target label.
     rounds = plus.defense.relabel.rounds
