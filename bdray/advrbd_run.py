@@ -51,6 +51,7 @@ from bdray.defenses.advrbd import (
     given_label_prob,
     identification_metrics,
     identify_poison,
+    reclaimed_samples,
     relabel,
     relearn_rows,
 )
@@ -362,7 +363,7 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
         progress(f"[7/8] relabel the suspected poisons ({defense.relabel.rule}) and relearn, {rounds} round(s)")
         torch.set_num_threads(max(1, int(config.ray.train.cpus_per_worker)))
         scratch = defense.relabel.relearn_from == "scratch"
-        relearn_recipe = defense.clean_train if scratch else defense.relearn
+        relearn_recipe = defense.relearn_recipe
         relearn_key = {**ident_key, "relearn": relearn_recipe.model_dump(mode="json")}
         if cfg["defense"]["relabel"] != RelabelConfig().model_dump(mode="json"):
             relearn_key["relabel"] = cfg["defense"]["relabel"]  # the paper's rule keeps its earlier keys
@@ -378,10 +379,7 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
                                        init=None if scratch else relearn_path, run_id=run_id,
                                        prefix="advrbd_relearn_" if r == 0 else f"advrbd_relearn{r}_")
             model = load_weights(spec.build(), relearn_path)  # evaluated here, relabels the next round
-            # reclaimed: flagged, kept its given label, and relearned all the same (drop_kept would drop it)
-            back = np.zeros_like(flagged)
-            back[rows] = defense.relabel.drop_kept
-            back &= flagged & (relabeled.labels == poisoned.data.labels)
+            back = reclaimed_samples(relabeled, poisoned.data, flagged, defense.relabel, probs)
             record = {"round": r, "relabeled": int(rejected.sum()), "relearned_on": len(rows),
                       "reclaimed": int(back.sum()), "reclaimed_poison": int((back & poisoned.is_poison).sum()),
                       **_relabel_rates(relabeled.labels, poisoned),

@@ -200,6 +200,11 @@ class AdvrBDConfig(PoisonedTrainingConfig):
     relabel: RelabelConfig = RelabelConfig()
     expert: ExpertConfig = ExpertConfig()
 
+    @property
+    def relearn_recipe(self) -> TrainRecipe:
+        """What relearn trains with: clean_train's recipe from scratch, else the relearn finetune."""
+        return self.clean_train if self.relabel.relearn_from == "scratch" else self.relearn
+
     @model_validator(mode="after")
     def _check(self) -> AdvrBDConfig:
         final = self.partition.rate + (self.enhance.rounds - 1) * self.enhance.growth
@@ -726,12 +731,20 @@ def relearn_rows(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, conf
     one that relabeled) predicts with p >= reclaim."""
     if not config.drop_kept:
         return np.arange(len(given))
-    dropped = flagged & (relabeled.labels == given.labels)
-    if config.reclaim is not None:
-        if probs is None:
-            raise ValueError("relabel.reclaim needs the relabeling model's probabilities (probs)")
-        dropped &= ~reclaimed(given.labels, probs, config.reclaim)
-    return np.flatnonzero(~dropped)
+    kept = flagged & (relabeled.labels == given.labels)
+    return np.flatnonzero(~(kept & ~reclaimed_samples(relabeled, given, flagged, config, probs)))
+
+
+def reclaimed_samples(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, config: RelabelConfig,
+                      probs: np.ndarray | None = None) -> np.ndarray:
+    """The flagged samples that kept their given label and are relearned all the same (``reclaim``
+    under ``drop_kept``; none otherwise)."""
+    if not config.drop_kept or config.reclaim is None:
+        return np.zeros(len(given), bool)
+    if probs is None:
+        raise ValueError("relabel.reclaim needs the relabeling model's probabilities (probs)")
+    kept = flagged & (relabeled.labels == given.labels)
+    return kept & reclaimed(given.labels, probs, config.reclaim)
 
 
 def reclaimed(labels: np.ndarray, probs: np.ndarray, min_prob: float) -> np.ndarray:
@@ -910,9 +923,8 @@ class AdvrBD(PoisonedTrainingDefense):
             rejected = self.relabeled_.labels != poisoned.labels
             rows = relearn_rows(self.relabeled_, poisoned, self.flagged_, cfg.relabel, probs)
             torch.manual_seed(seed + 3 + r)
-            start, recipe = ((self.build(), cfg.clean_train) if cfg.relabel.relearn_from == "scratch"
-                             else (copy.deepcopy(model), cfg.relearn))
-            model = fit(start, self.relabeled_.subset(rows), recipe, seed=seed + 3 + r, device=device)
+            start = self.build() if cfg.relabel.relearn_from == "scratch" else copy.deepcopy(model)
+            model = fit(start, self.relabeled_.subset(rows), cfg.relearn_recipe, seed=seed + 3 + r, device=device)
         self.relearned_model_ = model
         return self
 
