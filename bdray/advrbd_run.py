@@ -46,6 +46,7 @@ from bdray.defenses.advrbd import (
     RelabelConfig,
     RoundRecord,
     choose_seed_set,
+    cross_check,
     cross_fit_experts,
     evaluate_model,
     given_label_prob,
@@ -348,6 +349,9 @@ def _run(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bool, progr
                      f"({summary['expert_unflagged_poison']} of them poisoned) and flag "
                      f"{int(reflagged.sum())} more ({summary['expert_reflagged_poison']} poisoned); class thresholds "
                      f"raised above {defense.expert.threshold}: {raised or 'none'}")
+        if defense.crosscheck.enabled:
+            flagged = _cross_check_stage(flagged, config, spec, poisoned, poison_key, train_stage, summary, run,
+                                         progress)
         summary.update(identification_metrics(flagged, poisoned.is_poison, "id_"))
         clean_set = poisoned.data.subset(np.flatnonzero(~flagged))
         progress(f"      flagged {int(flagged.sum())}: precision {summary['id_precision']:.3f} recall "
@@ -488,6 +492,40 @@ def _run_baseline(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bo
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: ModelSpec, poisoned: PoisonedSet,
+                       poison_key: str, train_stage: Callable[..., Path], summary: dict[str, Any], run: Any,
+                       progress: ProgressFn) -> np.ndarray:
+    """advrbd+'s cross-check (:func:`bdray.defenses.advrbd.cross_check`), each label model a cached stage."""
+    defense = config.defense
+    check = defense.crosscheck
+    recipe = defense.clean_train.model_dump(mode="json")
+
+    def train_label_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        key = {"flagged_sha": _mask_digest(excluded), "recipe": recipe, "folds": check.folds, "fold": j}
+        path = train_stage("advrbd_crosscheck", poisoned.data.subset(rows), defense.clean_train, key, [poison_key],
+                           config.seed + 20 + j)
+        return given_label_prob(load_weights(spec.build(), path), poisoned.data)
+
+    progress(f"      cross-check: {check.folds} label models, flag p(given) < {check.threshold}, up to "
+             f"{check.rounds} round(s)")
+    summary.update(identification_metrics(flagged, poisoned.is_poison, "pre_crosscheck_id_"))
+    verdict = cross_check(flagged, check, config.seed, train_label_model)
+    added = verdict.flagged & ~flagged
+    summary["crosscheck_rounds"] = len(verdict.history)
+    summary["crosscheck_flagged"] = int(added.sum())
+    summary["crosscheck_flagged_poison"] = int((added & poisoned.is_poison).sum())
+    before = flagged
+    for r, decided in enumerate(verdict.history):
+        round_id = identification_metrics(decided, poisoned.is_poison)
+        if run is not None:
+            run.log_metrics({f"crosscheck_round_{k}": v for k, v in round_id.items()}, step=r)
+        new = decided & ~before
+        progress(f"      cross-check round {r}: flagged {int(new.sum())} more ({int((new & poisoned.is_poison).sum())} "
+                 f"poisoned), recall {round_id['recall']:.3f}, FPR {round_id['fpr']:.3f}")
+        before = decided
+    return verdict.flagged
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from bdray.defenses.advrbd import (
     AdvrBDConfig,
     AdvrBDPlus,
     AdvrBDPlusConfig,
+    CrossCheckConfig,
     EnhanceConfig,
     ExpertConfig,
     ExpertVerdict,
@@ -29,6 +30,7 @@ from bdray.defenses.advrbd import (
     RelabelConfig,
     RoundRecord,
     choose_seed_set,
+    cross_check,
     cross_fit_experts,
     draw_masks_and_starts,
     expert_class_thresholds,
@@ -410,6 +412,18 @@ def test_relearn_from_scratch_trains_a_new_model_on_the_reclaimed_set(poisoned, 
     assert (acc == poisoned.data.labels[clean]).mean() > 0.6
 
 
+def test_in_process_cross_check_trains_label_models_and_only_adds_flags(poisoned, partition_model) -> None:
+    config = AdvrBDPlusConfig.model_validate({
+        "partition": {"radius": 2, "steps": 2}, "enhance": {"rounds": 3, "growth": 0.1, "batch_size": 64},
+        "identify": {"last_rounds": 2}, "clean_train": {"epochs": 2, "batch_size": 64},
+        "expert": {"folds": 1}, "crosscheck": {"enabled": True, "folds": 2, "rounds": 2},
+    })
+    defense = AdvrBDPlus(config, spec().build).fit(poisoned.data, seed=0, poisoned_model=partition_model)
+    assert np.array_equal(defense.pre_crosscheck_, defense.expert_.flagged)
+    assert (defense.flagged_ >= defense.pre_crosscheck_).all() and defense.flagged_ is defense.crosscheck_.flagged
+    assert len(defense.label_models_) == 2 * len(defense.crosscheck_.history) >= 2
+
+
 def test_in_process_expert_unflags_clean_samples_and_keeps_the_poisons(poisoned, partition_model) -> None:
     config = AdvrBDPlusConfig.model_validate({
         "partition": {"radius": 2, "steps": 2},
@@ -427,6 +441,61 @@ def test_in_process_expert_unflags_clean_samples_and_keeps_the_poisons(poisoned,
     # (Fashion-MNIST BadNet: 3 of 491 un-flagged, docs/advrbd.md).
     assert before["recall"] > 0.95 and after["recall"] > 0.8
     assert after["fpr"] < 0.5 * before["fpr"] and after["precision"] > 1.5 * before["precision"]
+
+
+def test_cross_check_flags_what_a_held_out_model_disowns_round_after_round() -> None:
+    # Hand-made label models: model j "trains" on rows and gives p(given) 0.05 to sample 3 unless sample
+    # 4 is among its rows (4 is a poison that teaches the trigger to whoever trains on it), 0.1 to
+    # sample 4 always, 0.9 to everything else.
+    flagged = np.array([True, False, False, False, False, False, False, False])
+    calls: list[tuple[int, list[int], list[bool]]] = []
+
+    def train_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        calls.append((j, rows.tolist(), excluded.tolist()))
+        p = np.full(len(flagged), 0.9)
+        p[4] = 0.1
+        p[3] = 0.95 if 4 in rows else 0.05
+        return p
+
+    config = CrossCheckConfig(enabled=True, folds=2, threshold=0.2, rounds=3)
+    verdict = cross_check(flagged, config, seed=0, train_model=train_model)
+    first = calls[:2]
+    assert [j for j, _, _ in first] == [0, 1]
+    for _, rows, excluded in first:  # no model trains on a flagged sample, each unflagged one in one model's rows
+        assert 0 not in rows and excluded == flagged.tolist()
+    assert sorted(first[0][1] + first[1][1]) == list(range(1, 8))
+    # Round 0 flags 4 (disowned by whoever did not see it); 3 only when the model judging it also missed 4.
+    assert verdict.history[0][4] and verdict.history[0][0] and not verdict.history[0][[1, 2, 5, 6, 7]].any()
+    # Round 1's models train without 4, so they disown 3; round 2 adds nothing and ends it.
+    assert verdict.flagged.tolist() == [True, False, False, True, True, False, False, False]
+    assert len(verdict.history) == 3 and (verdict.history[1] == verdict.history[2]).all()
+    assert all(4 not in rows for _, rows, _ in calls[2:])
+    # One round stops after the first decision; flags are only ever added.
+    once = cross_check(flagged, config.model_copy(update={"rounds": 1}), seed=0, train_model=train_model)
+    assert len(once.history) == 1 and (once.flagged >= flagged).all()
+    # Left out of the config dump while disabled: configs without it keep their stage keys.
+    assert "crosscheck" not in AdvrBDConfig().model_dump(mode="json")
+    assert AdvrBDConfig(crosscheck={"enabled": True}).model_dump(mode="json")["crosscheck"]["threshold"] == 0.1
+
+
+def test_cross_check_catches_the_poisons_identification_and_experts_leaked(poisoned) -> None:
+    # A fifth of the poisons leaked into a set that is otherwise clean: label models trained on two
+    # thirds of it, from scratch, give most leaked poisons (a target label on another class's image) a
+    # low p(given), and few clean samples.
+    is_poison = poisoned.is_poison
+    rng = np.random.default_rng(1)
+    leaked = is_poison & (rng.random(len(is_poison)) < 0.2)
+    flagged = is_poison & ~leaked
+    recipe = TrainRecipe(epochs=5, batch_size=64)
+
+    def train_model(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
+        torch.manual_seed(20 + j)
+        return given_label_prob(fit(spec().build(), poisoned.data.subset(rows), recipe, seed=20 + j), poisoned.data)
+
+    verdict = cross_check(flagged, CrossCheckConfig(enabled=True, folds=3, threshold=0.2), 0, train_model)
+    added = verdict.flagged & ~flagged
+    assert leaked.sum() >= 5 and (added & leaked).sum() >= 0.6 * leaked.sum()
+    assert (added & ~is_poison).sum() < 0.15 * (~is_poison).sum()
 
 
 def test_cross_fitted_experts_flag_the_poisons_identification_leaked(poisoned, partition_model) -> None:
@@ -586,7 +655,8 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     # advrbd+ reuses the partition model, the clean reference and the scores.
     plus = validate_advrbd(_run_config(tmp_path, name="advrbd+", enhance={**config.defense.enhance.model_dump(),
                                                                           "grow_by": "loss"},
-                                       identify={"last_rounds": 2}, relabel={"rounds": 3}, expert={"rounds": 2}))
+                                       identify={"last_rounds": 2}, relabel={"rounds": 3}, expert={"rounds": 2},
+                                       crosscheck={"enabled": True, "rounds": 2}))
     again = run_advrbd(plus, progress=lambda _: None)
     stages = [e["stage"] for e in __import__("bdray.stages", fromlist=["StageStore"])
               .StageStore(tmp_path / "store" / "stages").executions()]
@@ -598,9 +668,15 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     # A union over rounds only adds flags; then the experts take back flags, few of them on poisons,
     # and may flag identified clean samples.
     assert again["pre_expert_id_recall"] >= summary["id_recall"] - 1e-9
+    # The cross-check only adds flags: one label-model stage per fold and round, each round an MLflow step.
     assert again["id_flagged"] == (again["pre_expert_id_flagged"] - again["expert_unflagged"]
-                                   + again["expert_reflagged"]) > 0
-    assert again["expert_unflagged"] > 0 and again["id_fpr"] < again["pre_expert_id_fpr"]
+                                   + again["expert_reflagged"] + again["crosscheck_flagged"]) > 0
+    assert stages.count("advrbd_crosscheck") == 3 * again["crosscheck_rounds"] and again["crosscheck_rounds"] >= 1
+    steps = client.get_metric_history(again["mlflow_run_id"], "crosscheck_round_recall")
+    assert sorted(m.step for m in steps) == list(range(again["crosscheck_rounds"]))
+    assert again["crosscheck_flagged_poison"] <= again["crosscheck_flagged"]
+    assert again["expert_unflagged"] > 0 and again["pre_crosscheck_id_fpr"] < again["pre_expert_id_fpr"]
+    assert again["id_recall"] >= again["pre_crosscheck_id_recall"] and again["id_fpr"] >= again["pre_crosscheck_id_fpr"]
     assert again["id_recall"] > 0.8
     assert again["expert_asr"] > 0.5 and 0 <= again["expert_acc"] <= 1  # the expert kept the backdoor
     relearned = [r["relearned_on"] for r in again["relearn_rounds"]]
