@@ -497,7 +497,8 @@ def _run_baseline(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bo
 def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: ModelSpec, poisoned: PoisonedSet,
                        poison_key: str, train_stage: Callable[..., Path], summary: dict[str, Any], run: Any,
                        progress: ProgressFn) -> np.ndarray:
-    """advrbd+'s cross-check (:func:`bdray.defenses.advrbd.cross_check`), each label model a cached stage."""
+    """The cross-check (:func:`bdray.defenses.advrbd.cross_check`; an option, off in advrbd+), each label model a
+    cached stage."""
     defense = config.defense
     check = defense.crosscheck
     recipe = defense.clean_train.model_dump(mode="json")
