@@ -512,7 +512,7 @@ def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: Mode
     progress(f"      cross-check: {check.folds} label models, flag p(given) < {check.threshold}, up to "
              f"{check.rounds} round(s)")
     summary.update(identification_metrics(flagged, poisoned.is_poison, "pre_crosscheck_id_"))
-    verdict = cross_check(flagged, check, config.seed, train_label_model)
+    verdict = cross_check(flagged, poisoned.data.labels, check, config.seed, train_label_model)
     added = verdict.flagged & ~flagged
     summary["crosscheck_rounds"] = len(verdict.history)
     summary["crosscheck_flagged"] = int(added.sum())

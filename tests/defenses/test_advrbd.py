@@ -51,6 +51,7 @@ from bdray.defenses.advrbd import (
     relabel,
     relearn_rows,
     round_batches,
+    thin_classes,
     top_fraction,
     unlearn_loss,
 )
@@ -458,7 +459,8 @@ def test_cross_check_flags_what_a_held_out_model_disowns_round_after_round() -> 
         return p
 
     config = CrossCheckConfig(enabled=True, folds=2, threshold=0.2, rounds=3)
-    verdict = cross_check(flagged, config, seed=0, train_model=train_model)
+    labels = np.zeros(len(flagged), np.int64)
+    verdict = cross_check(flagged, labels, config, seed=0, train_model=train_model)
     first = calls[:2]
     assert [j for j, _, _ in first] == [0, 1]
     for _, rows, excluded in first:  # no model trains on a flagged sample, each unflagged one in one model's rows
@@ -471,8 +473,18 @@ def test_cross_check_flags_what_a_held_out_model_disowns_round_after_round() -> 
     assert len(verdict.history) == 3 and (verdict.history[1] == verdict.history[2]).all()
     assert all(4 not in rows for _, rows, _ in calls[2:])
     # One round stops after the first decision; flags are only ever added.
-    once = cross_check(flagged, config.model_copy(update={"rounds": 1}), seed=0, train_model=train_model)
+    once = cross_check(flagged, labels, config.model_copy(update={"rounds": 1}), seed=0, train_model=train_model)
     assert len(once.history) == 1 and (once.flagged >= flagged).all()
+    # A class left with few samples called clean is left alone (min_class_share): 3 and 4 are class 1's
+    # only two, against five of class 0 (median 3.5).
+    two = np.array([0, 0, 0, 1, 1, 0, 0, 0])
+    assert thin_classes(flagged, two, CrossCheckConfig(min_class_share=0.9)).tolist() == [False, True]
+    assert not thin_classes(flagged, two, CrossCheckConfig(min_class_share=0.5)).any()
+    assert not thin_classes(flagged, two, CrossCheckConfig()).any()  # unset: every class
+    guarded = cross_check(flagged, two, config.model_copy(update={"min_class_share": 0.9}), seed=0,
+                          train_model=train_model)
+    assert np.array_equal(guarded.flagged, flagged) and len(guarded.history) == 1
+    assert "min_class_share" not in CrossCheckConfig(enabled=True).model_dump(mode="json")
     # Left out of the config dump while disabled: configs without it keep their stage keys.
     assert "crosscheck" not in AdvrBDConfig().model_dump(mode="json")
     assert AdvrBDConfig(crosscheck={"enabled": True}).model_dump(mode="json")["crosscheck"]["threshold"] == 0.1
@@ -492,7 +504,8 @@ def test_cross_check_catches_the_poisons_identification_and_experts_leaked(poiso
         torch.manual_seed(20 + j)
         return given_label_prob(fit(spec().build(), poisoned.data.subset(rows), recipe, seed=20 + j), poisoned.data)
 
-    verdict = cross_check(flagged, CrossCheckConfig(enabled=True, folds=3, threshold=0.2), 0, train_model)
+    verdict = cross_check(flagged, poisoned.data.labels, CrossCheckConfig(enabled=True, folds=3, threshold=0.2), 0,
+                          train_model)
     added = verdict.flagged & ~flagged
     assert leaked.sum() >= 5 and (added & leaked).sum() >= 0.6 * leaked.sum()
     assert (added & ~is_poison).sum() < 0.15 * (~is_poison).sum()
