@@ -757,11 +757,14 @@ def cross_fit_experts(identified: np.ndarray, labels: np.ndarray, seed_mask: np.
 
 @dataclass(frozen=True)
 class CrossCheckVerdict:
-    """What the cross-check's label models decided (logged per run)."""
+    """What the cross-check's label models decided: the flags after each round (logged per run)."""
 
-    flagged: np.ndarray  # the suspected poisons after it
-    given_prob: np.ndarray  # the last round's held-out p(given label) (the flagged samples: all models' mean)
-    history: tuple[np.ndarray, ...] = ()  # the flags after each round (the last is ``flagged``)
+    history: tuple[np.ndarray, ...]
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """The suspected poisons after the last round."""
+        return self.history[-1]
 
 
 def cross_check(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfig, seed: int,
@@ -772,7 +775,6 @@ def cross_check(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfi
     in-process or as a stage."""
     excluded = flagged
     history: list[np.ndarray] = []
-    prob = np.zeros(len(flagged))
     for _ in range(config.rounds):
         fold = sample_folds(excluded, config.folds, seed, 5)
         given = np.stack([train_model(j, expert_train_rows(fold, j, config.folds), excluded)
@@ -783,7 +785,7 @@ def cross_check(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfi
         if not (decided & ~excluded).any():
             break  # nothing new: another round would train on the same samples
         excluded = decided
-    return CrossCheckVerdict(history[-1] if history else flagged.copy(), prob, tuple(history))
+    return CrossCheckVerdict(tuple(history))
 
 
 def thin_classes(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfig) -> np.ndarray:
@@ -807,7 +809,7 @@ def relearn_rows(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, conf
     if not config.drop_kept:
         return np.arange(len(given))
     kept = flagged & (relabeled.labels == given.labels)
-    return np.flatnonzero(~(kept & ~reclaimed_samples(relabeled, given, flagged, config, probs)))
+    return np.flatnonzero(~kept | reclaimed_samples(relabeled, given, flagged, config, probs))
 
 
 def reclaimed_samples(relabeled: ImageSet, given: ImageSet, flagged: np.ndarray, config: RelabelConfig,
