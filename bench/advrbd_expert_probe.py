@@ -58,6 +58,7 @@ def main() -> None:
     torch.set_num_threads(2)
     name, overrides = sys.argv[1], sys.argv[2:]
     cfg = load_advrbd_config("configs/advrbd.yaml", ["defense.name=advrbd+", "defense.expert.enabled=false",
+                                                     "defense.crosscheck.enabled=false",  # identification alone
                                                      "defense.relabel.drop_kept=false", *overrides])
     out = Path(f"/tmp/advrbd_probe/{name}")
     if not (out / "suspected_poison.npy").exists():

@@ -254,8 +254,11 @@ class AdvrBDPlusConfig(AdvrBDConfig):
     enhance: EnhanceConfig = EnhanceConfig(clean_fraction=0.7, grow_by="loss")
     identify: IdentifyConfig = IdentifyConfig(last_rounds=3)
     premise: PremiseConfig = PremiseConfig(check=True)
-    relabel: RelabelConfig = RelabelConfig(rule="plausible", drop_kept=True, reclaim=0.7, relearn_from="scratch")
+    relabel: RelabelConfig = RelabelConfig(rule="plausible", rounds=2, drop_kept=True, reclaim=0.7,
+                                           relearn_from="scratch")
     expert: ExpertConfig = ExpertConfig(enabled=True, folds=3, rounds=4)
+    crosscheck: CrossCheckConfig = Field(CrossCheckConfig(enabled=True, min_class_share=0.33),
+                                         exclude_if=lambda v: not v.enabled)
 
     #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
     #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
@@ -263,8 +266,9 @@ class AdvrBDPlusConfig(AdvrBDConfig):
         "enhance": {"clean_fraction": 0.7, "grow_by": "loss"},
         "identify": {"last_rounds": 3},
         "premise": {"check": True},
-        "relabel": {"rule": "plausible", "drop_kept": True, "reclaim": 0.7, "relearn_from": "scratch"},
+        "relabel": {"rule": "plausible", "rounds": 2, "drop_kept": True, "reclaim": 0.7, "relearn_from": "scratch"},
         "expert": {"enabled": True, "folds": 3, "rounds": 4},
+        "crosscheck": {"enabled": True, "min_class_share": 0.33},
     }
 
     @model_validator(mode="before")

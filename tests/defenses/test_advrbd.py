@@ -109,13 +109,15 @@ def test_registry_and_faithful_defaults() -> None:
     assert faithful.enhance.clean_fraction == 0.5 and not faithful.premise.check
     assert plus.identify.last_rounds > 1 and plus.premise.check
     assert faithful.relabel.rule == "argmax" and faithful.relabel.rounds == 1
-    assert plus.relabel.rule == "plausible" and plus.relabel.rounds == 1
+    assert plus.relabel.rule == "plausible" and plus.relabel.rounds == 2
     assert not faithful.expert.enabled and not faithful.relabel.drop_kept
     assert plus.expert.enabled and plus.relabel.drop_kept and plus.expert.recipe.label_shift == 1
     assert faithful.expert.folds == 1 and plus.expert.folds == 3
     assert faithful.expert.rounds == 1 and plus.expert.rounds == 4
     assert faithful.relabel.reclaim is None and faithful.relabel.relearn_from == "model"
     assert plus.relabel.reclaim == 0.7 and plus.relabel.relearn_from == "scratch"
+    assert not faithful.crosscheck.enabled and plus.crosscheck.enabled
+    assert faithful.crosscheck.min_class_share is None and plus.crosscheck.min_class_share == 0.33
 
 
 def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
@@ -126,6 +128,13 @@ def test_advrbd_plus_keeps_its_changes_when_a_section_is_given_partly() -> None:
     assert plus.identify.last_rounds == 3 and plus.premise.check
     # What a config states explicitly wins.
     assert AdvrBDPlusConfig.model_validate({"enhance": {"clean_fraction": 0.6}}).enhance.clean_fraction == 0.6
+    # The cross-check's class guard stays on when a config sets only its rounds; unset, it is gone.
+    rounds = AdvrBDPlusConfig.model_validate({"crosscheck": {"rounds": 2}}).crosscheck
+    assert rounds.enabled and rounds.rounds == 2 and rounds.min_class_share == 0.33
+    unguarded = AdvrBDPlusConfig.model_validate({"crosscheck": {"min_class_share": None}})
+    assert "min_class_share" not in unguarded.model_dump(mode="json")["crosscheck"]
+    # Turned off, it leaves the dump: the advrbd+ measured before it keeps its stage and results keys.
+    assert "crosscheck" not in AdvrBDPlusConfig.model_validate({"crosscheck": {"enabled": False}}).model_dump()
 
 
 def test_config_rejects_a_schedule_that_leaves_nothing_to_learn() -> None:
@@ -431,7 +440,7 @@ def test_in_process_expert_unflags_clean_samples_and_keeps_the_poisons(poisoned,
         "enhance": {"rounds": 3, "growth": 0.1, "batch_size": 64},
         "identify": {"last_rounds": 2},
         "clean_train": {"epochs": 1, "batch_size": 64}, "relearn": {"epochs": 1, "batch_size": 64, "lr": 0.01},
-        "expert": {"folds": 1},
+        "expert": {"folds": 1}, "crosscheck": {"enabled": False},  # the expert's flags alone
     })
     defense = AdvrBDPlus(config, spec().build).fit(poisoned.data, seed=0, poisoned_model=partition_model)
     before = identification_metrics(defense.identified_, poisoned.is_poison)
