@@ -213,6 +213,10 @@ class CrossCheckConfig(BaseModel):
         "label models trained on few of them disown the rest (BadNet: 44 of 89 trousers); null: every class"))
 
 
+def _crosscheck_off(check: CrossCheckConfig) -> bool:
+    return not check.enabled
+
+
 class AdvrBDConfig(PoisonedTrainingConfig):
     """The paper's AdvrBD with every open choice as a field (defaults: the faithful reading)."""
 
@@ -228,7 +232,7 @@ class AdvrBDConfig(PoisonedTrainingConfig):
     relabel: RelabelConfig = RelabelConfig()
     expert: ExpertConfig = ExpertConfig()
     # left out of the dump while disabled, so configs without it keep their stage and results-cell keys
-    crosscheck: CrossCheckConfig = Field(CrossCheckConfig(), exclude_if=lambda v: not v.enabled)
+    crosscheck: CrossCheckConfig = Field(CrossCheckConfig(), exclude_if=_crosscheck_off)
 
     @property
     def relearn_recipe(self) -> TrainRecipe:
@@ -258,7 +262,7 @@ class AdvrBDPlusConfig(AdvrBDConfig):
                                            relearn_from="scratch")
     expert: ExpertConfig = ExpertConfig(enabled=True, folds=3, rounds=4)
     crosscheck: CrossCheckConfig = Field(CrossCheckConfig(enabled=True, min_class_share=0.33),
-                                         exclude_if=lambda v: not v.enabled)
+                                         exclude_if=_crosscheck_off)
 
     #: The fields advrbd+ changes, per section: they stay advrbd+'s when a config gives the section
     #: without them (``enhance: {rounds: 5}`` must not quietly bring back advrbd's batch mix).
