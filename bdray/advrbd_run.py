@@ -497,8 +497,8 @@ def _run_baseline(config: AdvrBDExperiment, *, out: str | Path | None, reuse: bo
 def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: ModelSpec, poisoned: PoisonedSet,
                        poison_key: str, train_stage: Callable[..., Path], summary: dict[str, Any], run: Any,
                        progress: ProgressFn) -> np.ndarray:
-    """The cross-check (:func:`bdray.defenses.advrbd.cross_check`; an option, off in advrbd+), each label model a
-    cached stage."""
+    """The cross-check (:func:`bdray.defenses.advrbd.cross_check`; on in advrbd+, off in advrbd), each label model
+    a cached stage, and the suspect-label check's as stage ``advrbd_suspect``."""
     defense = config.defense
     check = defense.crosscheck
     recipe = defense.clean_train.model_dump(mode="json")
@@ -509,10 +509,19 @@ def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: Mode
                            config.seed + 20 + j)
         return given_label_prob(load_weights(spec.build(), path), poisoned.data)
 
+    suspect_models: list[int] = []
+
+    def train_suspect_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        suspect_models.append(j)
+        key = {"excluded_sha": _mask_digest(excluded), "recipe": recipe, "fold": j}  # excluded: all but its rows
+        path = train_stage("advrbd_suspect", poisoned.data.subset(rows), defense.clean_train, key, [poison_key],
+                           config.seed + 40 + j)
+        return given_label_prob(load_weights(spec.build(), path), poisoned.data)
+
     progress(f"      cross-check: {check.folds} label models, flag p(given) < {check.threshold}, up to "
              f"{check.rounds} round(s)")
     summary.update(identification_metrics(flagged, poisoned.is_poison, "pre_crosscheck_id_"))
-    verdict = cross_check(flagged, poisoned.data.labels, check, config.seed, train_label_model)
+    verdict = cross_check(flagged, poisoned.data.labels, check, config.seed, train_label_model, train_suspect_model)
     added = verdict.flagged & ~flagged
     summary["crosscheck_rounds"] = len(verdict.history)
     summary["crosscheck_flagged"] = int(added.sum())
@@ -526,6 +535,20 @@ def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: Mode
         progress(f"      cross-check round {r}: flagged {int(new.sum())} more ({int((new & poisoned.is_poison).sum())} "
                  f"poisoned), recall {round_id['recall']:.3f}, FPR {round_id['fpr']:.3f}")
         before = decided
+    if check.suspect is not None:
+        added = verdict.flagged & ~verdict.history[-1]
+        summary["suspect_label"] = -1 if verdict.suspect is None else verdict.suspect
+        summary["suspect_flagged"] = int(added.sum())
+        summary["suspect_flagged_poison"] = int((added & poisoned.is_poison).sum())
+        summary["suspect_models"] = len(suspect_models)
+        summary["suspect_pool"] = 0 if verdict.suspect_score is None else int((~np.isnan(verdict.suspect_score)).sum())
+        if verdict.suspect_score is None:
+            why = "no flagged sample's label implausible" if verdict.suspect is None else "a thin class, left alone"
+            progress(f"      suspect-label check: label {summary['suspect_label']}: {why}")
+        else:
+            progress(f"      suspect-label check: label {verdict.suspect}, {len(suspect_models)} label models, "
+                     f"flagged {int(added.sum())} of the {summary['suspect_pool']} they judged "
+                     f"({summary['suspect_flagged_poison']} poisoned)")
     return verdict.flagged
 
 

@@ -29,6 +29,7 @@ from bdray.defenses.advrbd import (
     PartitionConfig,
     RelabelConfig,
     RoundRecord,
+    SuspectCheckConfig,
     choose_seed_set,
     cross_check,
     cross_fit_experts,
@@ -51,6 +52,8 @@ from bdray.defenses.advrbd import (
     relabel,
     relearn_rows,
     round_batches,
+    suspect_label,
+    suspect_scores,
     thin_classes,
     top_fraction,
     unlearn_loss,
@@ -499,6 +502,96 @@ def test_cross_check_flags_what_a_held_out_model_disowns_round_after_round() -> 
     assert AdvrBDConfig(crosscheck={"enabled": True}).model_dump(mode="json")["crosscheck"]["threshold"] == 0.1
 
 
+def test_suspect_check_judges_the_suspect_label_with_models_that_saw_one_fold_of_it() -> None:
+    # Twenty samples labeled 0, twelve labeled 1. Flagged: 0-3 (label 0, the cross-check's models find
+    # the label implausible: the suspect) and 20 (label 1, plausible). Leaked: 4 and 5, labeled 0.
+    # Hand-made suspect models give a leaked poison p(0) 0.01 and any other label-0 sample 0.5 (raw: the
+    # model saw a fold of the label); the label-1 samples 0.9.
+    labels = np.array([0] * 20 + [1] * 12)
+    flagged = np.zeros(32, bool)
+    flagged[[0, 1, 2, 3, 20]] = True
+    leaked = np.zeros(32, bool)
+    leaked[[4, 5]] = True
+    cross = np.full(32, 0.9)
+    cross[:4] = 0.01
+
+    def train_model(_j: int, _rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
+        return cross
+
+    calls: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def train_suspect(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        calls.append((j, rows, excluded))
+        return np.where(leaked, 0.01, np.where(labels == 0, 0.5, 0.9))
+
+    config = CrossCheckConfig(enabled=True, folds=2, threshold=0.05, suspect=SuspectCheckConfig(folds=4))
+    assert config.suspect.min_class_share == 0.5  # label 0's 16 against label 1's 11: not thin
+    verdict = cross_check(flagged, labels, config, 0, train_model, train_suspect)
+    assert verdict.suspect == 0 and np.array_equal(verdict.history[-1], flagged)  # the rounds flag nothing
+    pool = ~flagged & (labels == 0)  # 6..19 and the two leaked
+    assert [j for j, _, _ in calls] == [0, 1, 2, 3]
+    seen, expected = np.zeros(32, int), np.zeros(32)
+    for _, rows, excluded in calls:
+        mask = np.zeros(32, bool)
+        mask[rows] = True
+        assert np.array_equal(excluded, ~mask) and not (mask & flagged).any()
+        assert (mask[~flagged & (labels == 1)]).all()  # every other label's unflagged samples
+        seen += mask & pool
+        odds = pool.sum() / (mask & pool).sum()  # the inverse of the share of the label it saw
+        expected[pool & ~mask] += odds * 0.5 / (odds * 0.5 + 0.5) / 3  # three models judge each sample
+    assert (seen[pool] == 1).all()  # each pool sample in one model's fold
+    # 0.5 raw under a model that saw a quarter of the label: about 0.8 prior-corrected; the leaked stay < 0.2
+    score = verdict.suspect_score
+    assert np.isnan(score[~pool]).all() and np.allclose(score[pool & ~leaked], expected[pool & ~leaked])
+    assert (score[pool & ~leaked] > 0.6).all() and (score[leaked] < 0.2).all()
+    assert verdict.flagged.tolist() == (flagged | leaked).tolist()
+    # No flagged sample implausible: no suspect, the check trains nothing.
+    calls.clear()
+    assert suspect_label(flagged, labels, np.full(32, 0.9), SuspectCheckConfig()) is None
+    quiet = cross_check(flagged, labels, config, 0, lambda *_: np.full(32, 0.9), train_suspect)
+    assert quiet.suspect is None and not calls and np.array_equal(quiet.flagged, flagged)
+    # A thin suspect class (its own min_class_share, whatever the rounds' guard) is left alone.
+    fewer = flagged | ((labels == 0) & (np.arange(32) < 14))  # 6 label-0 samples left against 11
+    thin = cross_check(fewer, labels, config.model_copy(update={"suspect": SuspectCheckConfig(min_class_share=0.9)}),
+                       0, train_model, train_suspect)
+    assert thin.suspect == 0 and thin.suspect_score is None and not calls and np.array_equal(thin.flagged, fewer)
+    unguarded = config.model_copy(update={"suspect": SuspectCheckConfig(folds=4, min_class_share=0)})
+    assert cross_check(fewer, labels, unguarded, 0, train_model, train_suspect).suspect_score is not None and calls
+    calls.clear()
+    # A pool smaller than the folds: the empty folds train nothing.
+    few = suspect_scores(flagged | (labels == 0) & (np.arange(32) > 5), labels, 0, SuspectCheckConfig(folds=8), 0,
+                         train_suspect)
+    assert len(calls) <= 2 and np.isnan(few[6:]).all()
+    # Left out of the dump while unset: the configs measured before it keep their keys.
+    assert "suspect" not in CrossCheckConfig(enabled=True).model_dump(mode="json")
+    assert CrossCheckConfig(suspect={}).model_dump(mode="json")["suspect"] == {
+        "folds": 10, "threshold": 0.2, "implausible": 0.05, "min_class_share": 0.5}
+
+
+def test_suspect_scores_rank_leaked_poisons_below_clean_samples(poisoned) -> None:
+    # A quarter of the poisons (target 0) leaked; half of the rest of the data is flagged with the other
+    # poisons. Label models from scratch, each on every other label's samples and a quarter of label 0's,
+    # give the leaked poisons a lower prior-corrected p(0) than the clean label-0 samples.
+    is_poison, labels = poisoned.is_poison, poisoned.data.labels
+    rng = np.random.default_rng(2)
+    leaked = is_poison & (rng.random(len(is_poison)) < 0.25)
+    flagged = is_poison & ~leaked
+    recipe = TrainRecipe(epochs=5, batch_size=64)
+    trained: list[int] = []
+
+    def train_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        assert not excluded[rows].any() and (labels[rows] == 0).sum() < 0.5 * (labels[~flagged] == 0).sum()
+        trained.append(j)
+        torch.manual_seed(40 + j)
+        return given_label_prob(fit(spec().build(), poisoned.data.subset(rows), recipe, seed=40 + j), poisoned.data)
+
+    score = suspect_scores(flagged, labels, 0, SuspectCheckConfig(folds=4), 0, train_model)
+    pool = ~flagged & (labels == 0)
+    assert trained == [0, 1, 2, 3] and leaked.sum() >= 5
+    assert not np.isnan(score[pool]).any() and np.isnan(score[~pool]).all()
+    assert np.median(score[leaked]) < np.quantile(score[pool & ~leaked], 0.1)
+
+
 def test_cross_check_catches_the_poisons_identification_and_experts_leaked(poisoned) -> None:
     # A fifth of the poisons leaked into a set that is otherwise clean: label models trained on two
     # thirds of it, from scratch, give most leaked poisons (a target label on another class's image) a
@@ -678,7 +771,8 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     plus = validate_advrbd(_run_config(tmp_path, name="advrbd+", enhance={**config.defense.enhance.model_dump(),
                                                                           "grow_by": "loss"},
                                        identify={"last_rounds": 2}, relabel={"rounds": 3}, expert={"rounds": 2},
-                                       crosscheck={"enabled": True, "rounds": 2}))
+                                       crosscheck={"enabled": True, "rounds": 2,
+                                                   "suspect": {"folds": 2, "min_class_share": 0}}))
     again = run_advrbd(plus, progress=lambda _: None)
     stages = [e["stage"] for e in __import__("bdray.stages", fromlist=["StageStore"])
               .StageStore(tmp_path / "store" / "stages").executions()]
@@ -692,8 +786,14 @@ def test_all_stages_on_local_ray_identify_the_poisons(ray_session, tmp_path: Pat
     assert again["pre_expert_id_recall"] >= summary["id_recall"] - 1e-9
     # The cross-check only adds flags: one label-model stage per fold and round, each round an MLflow step.
     assert again["id_flagged"] == (again["pre_expert_id_flagged"] - again["expert_unflagged"]
-                                   + again["expert_reflagged"] + again["crosscheck_flagged"]) > 0
+                                   + again["expert_reflagged"] + again["crosscheck_flagged"]
+                                   + again["suspect_flagged"]) > 0
     assert stages.count("advrbd_crosscheck") == 3 * again["crosscheck_rounds"] and again["crosscheck_rounds"] >= 1
+    # The suspect-label check names the target label (its poisons' labels are the implausible ones); one
+    # stage per label model it trained (on this tiny set every label-0 sample is flagged by then, so it
+    # has none to judge: test_suspect_scores_rank_leaked_poisons_below_clean_samples trains them).
+    assert again["suspect_label"] == 0 and stages.count("advrbd_suspect") == again["suspect_models"] <= 2
+    assert 0 <= again["suspect_flagged_poison"] <= again["suspect_flagged"] <= again["suspect_pool"]
     steps = client.get_metric_history(again["mlflow_run_id"], "crosscheck_round_recall")
     assert sorted(m.step for m in steps) == list(range(again["crosscheck_rounds"]))
     assert again["crosscheck_flagged_poison"] <= again["crosscheck_flagged"]
