@@ -1085,24 +1085,21 @@ class AdvrBD(PoisonedTrainingDefense):
             self.flagged_ = self.expert_.flagged
         if cfg.crosscheck.enabled:
             self.pre_crosscheck_ = self.flagged_
-            self.label_models_ = []
+            self.label_models_, self.suspect_models_ = [], []
 
-            def train_label_model(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
-                torch.manual_seed(seed + 20 + j)
-                self.label_models_.append(fit(self.build(), poisoned.subset(rows), cfg.clean_train,
-                                              seed=seed + 20 + j, device=device))
-                return given_label_prob(self.label_models_[-1], poisoned, device)
+            def label_trainer(models: list[nn.Module], offset: int) -> ExpertTrainer:
+                # a new model on the rows with clean_train's recipe; the cross-check's and the suspect
+                # check's models differ only in where they are kept and in their seeds
+                def train(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
+                    torch.manual_seed(seed + offset + j)
+                    models.append(fit(self.build(), poisoned.subset(rows), cfg.clean_train, seed=seed + offset + j,
+                                      device=device))
+                    return given_label_prob(models[-1], poisoned, device)
+                return train
 
-            self.suspect_models_ = []
-
-            def train_suspect_model(j: int, rows: np.ndarray, _excluded: np.ndarray) -> np.ndarray:
-                torch.manual_seed(seed + 40 + j)
-                self.suspect_models_.append(fit(self.build(), poisoned.subset(rows), cfg.clean_train,
-                                                seed=seed + 40 + j, device=device))
-                return given_label_prob(self.suspect_models_[-1], poisoned, device)
-
-            self.crosscheck_ = cross_check(self.flagged_, poisoned.labels, cfg.crosscheck, seed, train_label_model,
-                                           train_suspect_model)
+            self.crosscheck_ = cross_check(self.flagged_, poisoned.labels, cfg.crosscheck, seed,
+                                           label_trainer(self.label_models_, 20),
+                                           label_trainer(self.suspect_models_, 40))
             self.flagged_ = self.crosscheck_.flagged
         clean = poisoned.subset(np.flatnonzero(~self.flagged_))
         torch.manual_seed(seed + 2)

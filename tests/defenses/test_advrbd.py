@@ -429,12 +429,18 @@ def test_in_process_cross_check_trains_label_models_and_only_adds_flags(poisoned
     config = AdvrBDPlusConfig.model_validate({
         "partition": {"radius": 2, "steps": 2}, "enhance": {"rounds": 3, "growth": 0.1, "batch_size": 64},
         "identify": {"last_rounds": 2}, "clean_train": {"epochs": 2, "batch_size": 64},
-        "expert": {"folds": 1}, "crosscheck": {"enabled": True, "folds": 2, "rounds": 2},
+        "expert": {"folds": 1},
+        "crosscheck": {"enabled": True, "folds": 2, "rounds": 2, "suspect": {"folds": 2, "min_class_share": 0}},
     })
     defense = AdvrBDPlus(config, spec().build).fit(poisoned.data, seed=0, poisoned_model=partition_model)
     assert np.array_equal(defense.pre_crosscheck_, defense.expert_.flagged)
     assert (defense.flagged_ >= defense.pre_crosscheck_).all() and defense.flagged_ is defense.crosscheck_.flagged
     assert len(defense.label_models_) == 2 * len(defense.crosscheck_.history) >= 2
+    # the suspect-label check names the target, or no label where none of the flagged samples' labels is
+    # implausible (this tiny set, where most of it is flagged by then); its models are kept apart
+    verdict = defense.crosscheck_
+    assert verdict.suspect in (None, 0) and len(defense.suspect_models_) <= (0 if verdict.suspect is None else 2)
+    assert (verdict.flagged >= verdict.history[-1]).all()
 
 
 def test_in_process_expert_unflags_clean_samples_and_keeps_the_poisons(poisoned, partition_model) -> None:
