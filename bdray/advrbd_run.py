@@ -41,6 +41,7 @@ from bdray.data import DatasetPair, get_dataset
 from bdray.defenses.advrbd import (
     POISONED_TRAINING,
     AdvrBDConfig,
+    ExpertTrainer,
     GroundTruth,
     PoisonedTrainingConfig,
     RelabelConfig,
@@ -503,20 +504,25 @@ def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: Mode
     check = defense.crosscheck
     recipe = defense.clean_train.model_dump(mode="json")
 
-    def train_label_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-        key = {"flagged_sha": _mask_digest(excluded), "recipe": recipe, "folds": check.folds, "fold": j}
-        path = train_stage("advrbd_crosscheck", poisoned.data.subset(rows), defense.clean_train, key, [poison_key],
-                           config.seed + 20 + j)
-        return given_label_prob(load_weights(spec.build(), path), poisoned.data)
-
     suspect_models: list[int] = []
 
-    def train_suspect_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-        suspect_models.append(j)
-        key = {"excluded_sha": _mask_digest(excluded), "recipe": recipe, "fold": j}  # excluded: all but its rows
-        path = train_stage("advrbd_suspect", poisoned.data.subset(rows), defense.clean_train, key, [poison_key],
-                           config.seed + 40 + j)
-        return given_label_prob(load_weights(spec.build(), path), poisoned.data)
+    def stage_trainer(stage: str, offset: int, key: Callable[[np.ndarray], dict[str, Any]],
+                      trained: list[int] | None = None) -> ExpertTrainer:
+        # a new model on the rows with clean_train's recipe as a cached stage; the cross-check's and the
+        # suspect check's models differ in their stage, seeds and what keys their rows
+        def train(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+            if trained is not None:
+                trained.append(j)
+            path = train_stage(stage, poisoned.data.subset(rows), defense.clean_train,
+                               {**key(excluded), "recipe": recipe, "fold": j}, [poison_key], config.seed + offset + j)
+            return given_label_prob(load_weights(spec.build(), path), poisoned.data)
+        return train
+
+    # a cross-check model's rows: the unflagged outside its fold; a suspect model's: all but ``excluded``
+    train_label_model = stage_trainer("advrbd_crosscheck", 20,
+                                      lambda excluded: {"flagged_sha": _mask_digest(excluded), "folds": check.folds})
+    train_suspect_model = stage_trainer("advrbd_suspect", 40, lambda excluded: {"excluded_sha": _mask_digest(excluded)},
+                                        suspect_models)
 
     progress(f"      cross-check: {check.folds} label models, flag p(given) < {check.threshold}, up to "
              f"{check.rounds} round(s)")

@@ -819,8 +819,7 @@ def cross_check(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfi
     check's models (:class:`SuspectCheckConfig`), with ``excluded`` every sample outside ``rows``."""
     excluded = flagged
     history: list[np.ndarray] = []
-    prob = np.ones(len(flagged))
-    for _ in range(config.rounds):
+    for _ in range(config.rounds):  # at least one (rounds >= 1), so ``prob`` is the last round's below
         fold = sample_folds(excluded, config.folds, seed, 5)
         given = np.stack([train_model(j, expert_train_rows(fold, j, config.folds), excluded)
                           for j in range(config.folds)])
@@ -834,8 +833,7 @@ def cross_check(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfi
         return CrossCheckVerdict(tuple(history))
     decided = history[-1]
     suspect = suspect_label(decided, labels, prob, config.suspect)
-    guard = config.model_copy(update={"min_class_share": config.suspect.min_class_share or None})
-    if suspect is None or thin_classes(decided, labels, guard)[suspect]:
+    if suspect is None or thin_classes(decided, labels, config.suspect)[suspect]:
         return CrossCheckVerdict(tuple(history), suspect)
     score = suspect_scores(decided, labels, suspect, config.suspect, seed, train_suspect or train_model)
     return CrossCheckVerdict(tuple(history), suspect, score,
@@ -879,8 +877,10 @@ def suspect_scores(flagged: np.ndarray, labels: np.ndarray, suspect: int, config
     return score
 
 
-def thin_classes(flagged: np.ndarray, labels: np.ndarray, config: CrossCheckConfig) -> np.ndarray:
-    """Per class, whether the cross-check leaves it alone (``min_class_share``; none when it is unset)."""
+def thin_classes(flagged: np.ndarray, labels: np.ndarray,
+                 config: CrossCheckConfig | SuspectCheckConfig) -> np.ndarray:
+    """Per class, whether the cross-check (or its suspect-label check) leaves it alone (``min_class_share``;
+    none when it is unset or 0)."""
     counts = np.bincount(labels[~flagged], minlength=int(labels.max()) + 1)
     if config.min_class_share is None:
         return np.zeros(len(counts), bool)
