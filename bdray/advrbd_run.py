@@ -513,8 +513,11 @@ def _cross_check_stage(flagged: np.ndarray, config: AdvrBDExperiment, spec: Mode
         def train(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
             if trained is not None:
                 trained.append(j)
+            # repeated rows (the suspect check's oversampled fold) are keyed by the rows themselves
+            repeats = {"rows_sha": _digest(rows)} if len(np.unique(rows)) < len(rows) else {}
             path = train_stage(stage, poisoned.data.subset(rows), defense.clean_train,
-                               {**key(excluded), "recipe": recipe, "fold": j}, [poison_key], config.seed + offset + j)
+                               {**key(excluded), **repeats, "recipe": recipe, "fold": j}, [poison_key],
+                               config.seed + offset + j)
             return given_label_prob(load_weights(spec.build(), path), poisoned.data)
         return train
 

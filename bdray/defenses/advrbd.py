@@ -210,6 +210,13 @@ class SuspectCheckConfig(BaseModel):
                                    "still called clean number less than this share of the median class's: a model "
                                    "that sees a tenth of a thin class cannot learn it and disowns all of it (SIG: 226 "
                                    "of 282 T-shirts flagged, ACC 85.7 -> 78.3)")
+    # left out of the dump while "prior", so the configs measured before it keep their keys
+    rebalance: Literal["prior", "oversample"] = Field("prior", exclude_if=lambda v: v == "prior", description=(
+        "how a model that saw one fold of the suspect label is put back on the label's share: 'prior' corrects its "
+        "output (odds times the inverse of the share it saw); 'oversample' repeats the fold in its training set to "
+        "the label's size, so it learns the class from its fold as if it had seen all of it (Blend, a thin target "
+        "class: AUROC of the leaked poisons 0.885 -> 0.976, clean samples flagged at p < 0.2: 195 -> 118), and a "
+        "patch trigger from the fold's few leaked poisons repeated (Adap-Patch: AUROC 0.865 -> 0.669)"))
 
 
 class CrossCheckConfig(BaseModel):
@@ -752,7 +759,7 @@ class ExpertVerdict:
 
 #: ``train_expert(j, rows, excluded)``: train expert j on the poisoned set's ``rows`` (``excluded``: the
 #: flagged samples, which this round's experts may not train on, for a cache key) and return its
-#: p(given label) on every sample.
+#: p(given label) on every sample. ``rows`` may repeat a row (the suspect check's oversampled fold).
 ExpertTrainer = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -856,7 +863,8 @@ def suspect_scores(flagged: np.ndarray, labels: np.ndarray, suspect: int, config
     Model j trains on every other label's unflagged samples and fold j of the suspect label's, so it
     sees the label at about 1/folds of its share; Bayes' label-shift correction (odds times the
     inverse of that share) puts its p back on the scale of a model that saw them all, so the threshold
-    does not move with ``folds``."""
+    does not move with ``folds``. With ``rebalance: oversample`` the fold is repeated that many times
+    in the model's rows instead (``train_model`` gets repeated rows) and its p is taken as it is."""
     pool = ~flagged & (labels == suspect)
     others = ~flagged & (labels != suspect)
     fold = sample_folds(~pool, config.folds, seed, 6)
@@ -865,10 +873,14 @@ def suspect_scores(flagged: np.ndarray, labels: np.ndarray, suspect: int, config
         seen = fold == j
         if not seen.any():
             continue  # a pool smaller than the folds: this model would never see the label
-        rows = others | seen
-        p = train_model(j, np.flatnonzero(rows), ~rows)
         odds = pool.sum() / seen.sum()
-        corrected = odds * p / (odds * p + 1 - p)
+        if config.rebalance == "oversample":
+            repeats = max(1, round(odds))
+            rows = np.sort(np.concatenate([np.flatnonzero(others), np.repeat(np.flatnonzero(seen), repeats)]))
+            corrected = train_model(j, rows, ~(others | seen))
+        else:
+            p = train_model(j, np.flatnonzero(others | seen), ~(others | seen))
+            corrected = odds * p / (odds * p + 1 - p)
         judged = pool & ~seen
         total[judged] += corrected[judged]
         count[judged] += 1

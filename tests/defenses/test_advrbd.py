@@ -52,6 +52,7 @@ from bdray.defenses.advrbd import (
     relabel,
     relearn_rows,
     round_batches,
+    sample_folds,
     suspect_label,
     suspect_scores,
     thin_classes,
@@ -572,9 +573,43 @@ def test_suspect_check_judges_the_suspect_label_with_models_that_saw_one_fold_of
     assert "suspect" not in CrossCheckConfig(enabled=True).model_dump(mode="json")
     assert CrossCheckConfig(suspect={}).model_dump(mode="json")["suspect"] == {
         "folds": 10, "threshold": 0.2, "implausible": 0.05, "min_class_share": 0.5}
+    assert CrossCheckConfig(suspect={"rebalance": "oversample"}).model_dump(mode="json")["suspect"]["rebalance"] == (
+        "oversample")
 
 
-def test_suspect_scores_rank_leaked_poisons_below_clean_samples(poisoned) -> None:
+def test_suspect_check_oversamples_the_fold_instead_of_correcting_the_prior() -> None:
+    # Label 0: 16 unflagged samples in 4 folds; label 1: 8. Each model's rows repeat its fold of label 0
+    # round(16 / fold size) times, so it trains on the label at about its share, and its p is the score as
+    # it is (no label-shift correction); the excluded samples are the prior mode's.
+    labels = np.array([0] * 16 + [1] * 8)
+    flagged = np.zeros(24, bool)
+    raw = np.where(np.arange(24) < 2, 0.05, 0.5)  # 0 and 1: leaked poisons
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def train(_j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        calls.append((rows, excluded))
+        return raw
+
+    over = suspect_scores(flagged, labels, 0, SuspectCheckConfig(folds=4, rebalance="oversample"), 0, train)
+    fold = sample_folds(labels != 0, 4, 0, 6)
+    prior_calls = list(calls)
+    calls.clear()
+    prior = suspect_scores(flagged, labels, 0, SuspectCheckConfig(folds=4), 0, train)
+    assert len(calls) == len(prior_calls) == len(set(fold[fold >= 0]))
+    for (rows, excluded), (plain, plain_excluded), j in zip(prior_calls, calls, sorted(set(fold[fold >= 0])),
+                                                            strict=True):
+        assert np.array_equal(excluded, plain_excluded) and np.array_equal(np.unique(rows), plain)
+        counts = np.bincount(rows, minlength=24)
+        repeats = max(1, round(16 / (fold == j).sum()))
+        assert (counts[fold == j] == repeats).all() and (counts[labels == 1] == 1).all()
+        assert (counts[(labels == 0) & (fold != j)] == 0).all() and (np.diff(rows) >= 0).all()
+    judged = labels == 0
+    assert np.allclose(over[judged], raw[judged]) and np.isnan(over[~judged]).all()
+    assert (prior[judged] > over[judged]).all()  # the prior mode corrects upwards: each model saw a quarter
+
+
+@pytest.mark.parametrize("rebalance", ["prior", "oversample"])
+def test_suspect_scores_rank_leaked_poisons_below_clean_samples(poisoned, rebalance: str) -> None:
     # A quarter of the poisons (target 0) leaked; half of the rest of the data is flagged with the other
     # poisons. Label models from scratch, each on every other label's samples and a quarter of label 0's,
     # give the leaked poisons a lower prior-corrected p(0) than the clean label-0 samples.
@@ -586,12 +621,13 @@ def test_suspect_scores_rank_leaked_poisons_below_clean_samples(poisoned) -> Non
     trained: list[int] = []
 
     def train_model(j: int, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-        assert not excluded[rows].any() and (labels[rows] == 0).sum() < 0.5 * (labels[~flagged] == 0).sum()
+        seen = np.unique(rows[labels[rows] == 0])  # oversampled: its fold's rows repeat
+        assert not excluded[rows].any() and len(seen) < 0.5 * (labels[~flagged] == 0).sum()
         trained.append(j)
         torch.manual_seed(40 + j)
         return given_label_prob(fit(spec().build(), poisoned.data.subset(rows), recipe, seed=40 + j), poisoned.data)
 
-    score = suspect_scores(flagged, labels, 0, SuspectCheckConfig(folds=4), 0, train_model)
+    score = suspect_scores(flagged, labels, 0, SuspectCheckConfig(folds=4, rebalance=rebalance), 0, train_model)
     pool = ~flagged & (labels == 0)
     assert trained == [0, 1, 2, 3] and leaked.sum() >= 5
     assert not np.isnan(score[pool]).any() and np.isnan(score[~pool]).all()
