@@ -874,12 +874,13 @@ def suspect_scores(flagged: np.ndarray, labels: np.ndarray, suspect: int, config
         if not seen.any():
             continue  # a pool smaller than the folds: this model would never see the label
         odds = pool.sum() / seen.sum()
+        trained_on = others | seen
         if config.rebalance == "oversample":
-            repeats = max(1, round(odds))
-            rows = np.sort(np.concatenate([np.flatnonzero(others), np.repeat(np.flatnonzero(seen), repeats)]))
-            corrected = train_model(j, rows, ~(others | seen))
+            repeated = np.repeat(np.flatnonzero(seen), max(1, round(odds)))
+            rows = np.sort(np.concatenate([np.flatnonzero(others), repeated]))
+            corrected = train_model(j, rows, ~trained_on)
         else:
-            p = train_model(j, np.flatnonzero(others | seen), ~(others | seen))
+            p = train_model(j, np.flatnonzero(trained_on), ~trained_on)
             corrected = odds * p / (odds * p + 1 - p)
         judged = pool & ~seen
         total[judged] += corrected[judged]

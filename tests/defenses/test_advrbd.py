@@ -611,8 +611,8 @@ def test_suspect_check_oversamples_the_fold_instead_of_correcting_the_prior() ->
 @pytest.mark.parametrize("rebalance", ["prior", "oversample"])
 def test_suspect_scores_rank_leaked_poisons_below_clean_samples(poisoned, rebalance: str) -> None:
     # A quarter of the poisons (target 0) leaked; half of the rest of the data is flagged with the other
-    # poisons. Label models from scratch, each on every other label's samples and a quarter of label 0's,
-    # give the leaked poisons a lower prior-corrected p(0) than the clean label-0 samples.
+    # poisons. Label models from scratch, each on every other label's samples and a quarter of label 0's
+    # (prior-corrected, or that quarter oversampled), give the leaked poisons a lower p(0) than the clean ones.
     is_poison, labels = poisoned.is_poison, poisoned.data.labels
     rng = np.random.default_rng(2)
     leaked = is_poison & (rng.random(len(is_poison)) < 0.25)
